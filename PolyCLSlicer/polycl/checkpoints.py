@@ -1,0 +1,224 @@
+"""Checkpoints: safetensors weights + a JSON model card, validated on load, written atomically.
+
+A checkpoint is a ``.safetensors`` file whose header metadata holds ``format`` =
+``polycl-checkpoint`` and ``card`` = JSON model card (architecture and its args, input size,
+window, kind, training recipe, data description, metrics).  safetensors holds only tensors, so
+loading never executes code.  Reference-code ``.pt`` state_dicts are imported with
+``torch.load(weights_only=True)``, which refuses pickled code.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import pickle
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .models import SegmentationNet, build_model, convert_reference_state_dict
+
+FORMAT_NAME = "polycl-checkpoint"
+FORMAT_VERSION = "1"
+KINDS = ("segmentation", "encoder", "pretraining")
+REQUIRED_CARD_KEYS = ("kind", "architecture", "architecture_args", "input_size", "window")
+STARTER_CHECKPOINT = Path(__file__).parent / "weights" / "polycl_liver_starter.safetensors"
+
+
+class CheckpointError(ValueError):
+    """A file is not a usable PolyCL checkpoint."""
+
+
+def default_card(architecture: str = "polycl_unet", architecture_args: dict | None = None,
+                 input_size: int = 256, kind: str = "segmentation", **extra: Any) -> dict:
+    """A model card with the required fields filled in."""
+    card = {
+        "kind": kind,
+        "architecture": architecture,
+        "architecture_args": dict(architecture_args or {}),
+        "input_size": int(input_size),
+        "window": {"center": 40.0, "width": 400.0},
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "recipe": {},
+        "data": {},
+        "metrics": {},
+    }
+    card.update(extra)
+    return card
+
+
+def atomic_write(path: Path, write: callable) -> Path:
+    """Call ``write(temp_path)`` then rename over ``path``: readers never see a partial file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(handle)
+    try:
+        write(Path(temp_name))
+        os.replace(temp_name, path)
+    finally:
+        if os.path.exists(temp_name):
+            os.unlink(temp_name)
+    return path
+
+
+def save_checkpoint(path: str | os.PathLike, state_dict: dict[str, torch.Tensor], card: dict,
+                    overwrite: bool = True) -> Path:
+    """Validate the card, then write weights + card atomically."""
+    validate_card(card)
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists; choose another name or allow overwriting")
+    tensors = {key: value.detach().to("cpu").contiguous() for key, value in state_dict.items()}
+    metadata = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "card": json.dumps(card)}
+    return atomic_write(path, lambda temp: save_file(tensors, str(temp), metadata=metadata))
+
+
+def save_model(path: str | os.PathLike, model: torch.nn.Module, card: dict, overwrite: bool = True) -> Path:
+    return save_checkpoint(path, model.state_dict(), card, overwrite=overwrite)
+
+
+def validate_card(card: dict) -> None:
+    missing = [key for key in REQUIRED_CARD_KEYS if key not in card]
+    if missing:
+        raise CheckpointError(f"model card lacks {', '.join(missing)}")
+    if card["kind"] not in KINDS:
+        raise CheckpointError(f"model card kind {card['kind']!r} is not one of {', '.join(KINDS)}")
+    size = card["input_size"]
+    if not isinstance(size, int) or size < 16 or size % 16:
+        raise CheckpointError(f"input_size {size!r} must be a multiple of 16 (at least 16)")
+
+
+def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
+    """Read tensors and card of a PolyCL checkpoint; raise CheckpointError on anything else."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    if path.stat().st_size < 16:
+        raise CheckpointError(f"{path}: file is empty or truncated")
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as error:
+        hint = _foreign_file_hint(path)
+        raise CheckpointError(f"{path}: not a readable PolyCL checkpoint ({hint or error})") from None
+    if metadata.get("format") != FORMAT_NAME:
+        raise CheckpointError(
+            f"{path}: safetensors file without PolyCL metadata (format={metadata.get('format')!r});"
+            " import foreign weights with polycl.checkpoints.import_reference_weights"
+        )
+    if metadata.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{path}: checkpoint format version {metadata.get('format_version')!r} "
+                              f"is not supported (expected {FORMAT_VERSION})")
+    try:
+        card = json.loads(metadata["card"])
+    except (KeyError, json.JSONDecodeError):
+        raise CheckpointError(f"{path}: model card missing or not valid JSON") from None
+    try:
+        validate_card(card)
+    except CheckpointError as error:
+        raise CheckpointError(f"{path}: {error}") from None
+    return tensors, card
+
+
+def _foreign_file_hint(path: Path) -> str:
+    with open(path, "rb") as handle:
+        head = handle.read(4)
+    if head.startswith(b"PK"):
+        return "it is a torch.save zip archive; import it with import_reference_weights"
+    if head[:1] == b"\x80":
+        return "it is a raw pickle; pickles can run code and are not loaded"
+    return ""
+
+
+def build_from_card(card: dict) -> SegmentationNet:
+    try:
+        return build_model(card["architecture"], **card["architecture_args"])
+    except (KeyError, TypeError) as error:
+        raise CheckpointError(f"model card describes an unbuildable architecture: {error}") from None
+
+
+def load_state_checked(module: torch.nn.Module, tensors: dict[str, torch.Tensor], prefix: str = "",
+                       source: str = "checkpoint") -> list[str]:
+    """Load tensors whose names start with prefix into module; shapes must match exactly.
+
+    Returns the module keys that were not in the file (caller decides whether that is fine).
+    """
+    expected = module.state_dict()
+    selected = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+    unknown = sorted(set(selected) - set(expected))
+    if unknown:
+        raise CheckpointError(f"{source}: unexpected weights {unknown[:5]} (architecture mismatch)")
+    for key, value in selected.items():
+        if tuple(value.shape) != tuple(expected[key].shape):
+            raise CheckpointError(
+                f"{source}: weight {prefix}{key} has shape {tuple(value.shape)}, the architecture "
+                f"expects {tuple(expected[key].shape)}"
+            )
+    module.load_state_dict(selected, strict=False)
+    return sorted(set(expected) - set(selected))
+
+
+def load_checkpoint(path: str | os.PathLike | None = None, kind: str | None = "segmentation"
+                    ) -> tuple[SegmentationNet, dict]:
+    """Build the network a checkpoint describes and load its weights (validated)."""
+    path = Path(path) if path is not None else STARTER_CHECKPOINT
+    tensors, card = read_checkpoint(path)
+    if kind is not None and card["kind"] != kind:
+        raise CheckpointError(f"{path}: is a {card['kind']} checkpoint, a {kind} checkpoint is needed")
+    model = build_from_card(card)
+    model_tensors = {k: v for k, v in tensors.items() if not k.startswith("projection.")}
+    missing = load_state_checked(model, model_tensors, source=str(path))
+    if card["kind"] == "segmentation" and missing:
+        raise CheckpointError(f"{path}: weights missing for {missing[:5]}")
+    if card["kind"] != "segmentation" and any(k.startswith("encoder.") for k in missing):
+        raise CheckpointError(f"{path}: encoder weights missing for {missing[:5]}")
+    model.eval()
+    return model, card
+
+
+def load_pretrained_init(model: SegmentationNet, path: str | os.PathLike) -> dict:
+    """Initialise ``model`` from a checkpoint: whole network if present, else the encoder only.
+
+    Encoder checkpoints (PolyCL / SimCLR pretraining) replace only ``encoder.*``; segmentation or
+    whole-U-Net (Pix2Rep) checkpoints replace every weight.  Architectures must match.
+    """
+    tensors, card = read_checkpoint(path)
+    reference = build_from_card(card)
+    if type(reference.encoder) is not type(model.encoder) or any(
+        tuple(t.shape) != tuple(model.state_dict()[k].shape)
+        for k, t in reference.state_dict().items() if k in model.state_dict()
+    ):
+        raise CheckpointError(f"{path}: architecture {card['architecture']} {card['architecture_args']} "
+                              "does not match the model being trained")
+    prefix = "" if card["kind"] == "segmentation" or card.get("whole_network") else "encoder."
+    kept = {k: v for k, v in tensors.items() if k.startswith(prefix) and not k.startswith("projection.")}
+    missing = load_state_checked(model, kept, source=str(path))
+    if prefix == "encoder." and any(k.startswith("encoder.") for k in missing):
+        raise CheckpointError(f"{path}: encoder weights incomplete ({missing[:3]})")
+    return card
+
+
+def import_reference_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Read a reference-code ``torch.save`` state_dict safely (``weights_only=True``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such file")
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CheckpointError(f"{path}: rejected, not a plain tensor state_dict ({first})") from None
+    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(f"{path}: does not hold a state_dict of tensors")
+    return convert_reference_state_dict(obj)

@@ -1,0 +1,102 @@
+"""Whole-volume inference: every axial slice, batched, in the canonical orientation."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from scipy import ndimage
+
+from .checkpoints import load_checkpoint
+from .models import SegmentationNet
+from .preprocessing import CanonicalOrientation, resize_slices, validate_ct, window
+from .progress import CancelFlag, ProgressFn, check_cancel, no_progress
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """'auto' -> CUDA when available, else CPU; asking for CUDA without one is an error."""
+    name = str(device).lower()
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError("CUDA was requested but no CUDA GPU is available to PyTorch; use --device cpu")
+    if name not in ("cpu",) and not name.startswith(("cuda", "mps")):
+        raise ValueError(f"unknown device {device!r}; use auto, cpu or cuda")
+    return torch.device(name)
+
+
+def keep_largest_component(mask: np.ndarray) -> np.ndarray:
+    """Largest 26-connected 3D component of a binary mask."""
+    labels, count = ndimage.label(mask, structure=np.ones((3, 3, 3), bool))
+    if count <= 1:
+        return mask.astype(bool)
+    sizes = np.bincount(labels.ravel())
+    sizes[0] = 0
+    return labels == int(np.argmax(sizes))
+
+
+@dataclass
+class SegmentationResult:
+    """Probability (float32) and binary mask, both [i, j, k] on the input grid."""
+
+    probability: np.ndarray
+    mask: np.ndarray
+    warnings: list[str] = field(default_factory=list)
+
+
+class Segmenter:
+    """A loaded segmentation network plus the preprocessing its model card prescribes."""
+
+    def __init__(self, model: SegmentationNet, card: dict, device: str | torch.device = "auto"):
+        self.device = resolve_device(device)
+        self.model = model.to(self.device).eval()
+        self.card = card
+        self.input_size = int(card["input_size"])
+        self.window = card.get("window", {"center": 40.0, "width": 400.0})
+
+    @classmethod
+    def from_checkpoint(cls, path: str | os.PathLike | None = None, device: str = "auto") -> Segmenter:
+        """Load a segmentation checkpoint (the bundled starter model when path is None)."""
+        model, card = load_checkpoint(path, kind="segmentation")
+        return cls(model, card, device)
+
+    def predict_slices(self, slices: np.ndarray, batch_size: int = 16, progress: ProgressFn = no_progress,
+                       cancel: CancelFlag | None = None) -> np.ndarray:
+        """Probabilities for canonical (N, H, W) HU slices, returned at (N, H, W)."""
+        count, height, width = slices.shape
+        out = np.empty((count, height, width), np.float32)
+        with torch.inference_mode():
+            for start in range(0, count, batch_size):
+                check_cancel(cancel, "segmentation")
+                batch = torch.from_numpy(np.ascontiguousarray(slices[start:start + batch_size]))
+                batch = window(batch.to(self.device)[:, None], self.window["center"], self.window["width"])
+                logits = self.model(resize_slices(batch, self.input_size))
+                logits = resize_slices(logits, (height, width))
+                out[start:start + batch_size] = torch.sigmoid(logits)[:, 0].float().cpu().numpy()
+                progress(min(1.0, (start + batch_size) / count), f"slice {min(count, start + batch_size)}/{count}")
+        return out
+
+    def segment(self, array: np.ndarray, ijk_to_ras: np.ndarray, batch_size: int = 16,
+                threshold: float = 0.5, largest_component: bool = True, progress: ProgressFn = no_progress,
+                cancel: CancelFlag | None = None) -> SegmentationResult:
+        """Segment the liver in a CT volume given as [i, j, k] HU array + IJK->RAS matrix."""
+        notes = validate_ct(array)
+        orientation = CanonicalOrientation.from_matrix(ijk_to_ras)
+        canonical = orientation.to_canonical(array)
+        probability = self.predict_slices(canonical, batch_size, progress, cancel)
+        mask = probability > threshold
+        if largest_component:
+            mask = keep_largest_component(mask)
+        return SegmentationResult(
+            probability=np.ascontiguousarray(orientation.from_canonical(probability)),
+            mask=np.ascontiguousarray(orientation.from_canonical(mask.astype(np.uint8))),
+            warnings=notes,
+        )
+
+
+def segment_volume(array: np.ndarray, ijk_to_ras: np.ndarray, checkpoint: str | os.PathLike | None = None,
+                   device: str = "auto", **options) -> SegmentationResult:
+    """One-call API: load a checkpoint (starter model by default) and segment a volume."""
+    return Segmenter.from_checkpoint(checkpoint, device).segment(array, ijk_to_ras, **options)
