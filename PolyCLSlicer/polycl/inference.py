@@ -27,6 +27,23 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     return torch.device(name)
 
 
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
+    """Autocast dtype: 'auto' -> bfloat16 on CPUs with native bf16 (AVX512-BF16/AMX), float16 on CUDA."""
+    if precision == "fp32":
+        return None
+    if precision == "bf16":
+        return torch.bfloat16
+    if precision == "fp16":
+        return torch.float16
+    if precision != "auto":
+        raise ValueError(f"unknown precision {precision!r}; use auto, fp32, bf16 or fp16")
+    if device.type == "cuda":
+        return torch.float16
+    if device.type == "cpu" and torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return torch.bfloat16
+    return None
+
+
 def keep_largest_component(mask: np.ndarray) -> np.ndarray:
     """Largest 26-connected 3D component of a binary mask."""
     labels, count = ndimage.label(mask, structure=np.ones((3, 3, 3), bool))
@@ -49,18 +66,21 @@ class SegmentationResult:
 class Segmenter:
     """A loaded segmentation network plus the preprocessing its model card prescribes."""
 
-    def __init__(self, model: SegmentationNet, card: dict, device: str | torch.device = "auto"):
+    def __init__(self, model: SegmentationNet, card: dict, device: str | torch.device = "auto",
+                 precision: str = "auto"):
         self.device = resolve_device(device)
+        self.autocast_dtype = resolve_precision(precision, self.device)
         self.model = model.to(self.device).eval()
         self.card = card
         self.input_size = int(card["input_size"])
         self.window = card.get("window", {"center": 40.0, "width": 400.0})
 
     @classmethod
-    def from_checkpoint(cls, path: str | os.PathLike | None = None, device: str = "auto") -> Segmenter:
+    def from_checkpoint(cls, path: str | os.PathLike | None = None, device: str = "auto",
+                        precision: str = "auto") -> Segmenter:
         """Load a segmentation checkpoint (the bundled starter model when path is None)."""
         model, card = load_checkpoint(path, kind="segmentation")
-        return cls(model, card, device)
+        return cls(model, card, device, precision)
 
     def predict_slices(self, slices: np.ndarray, batch_size: int = 16, progress: ProgressFn = no_progress,
                        cancel: CancelFlag | None = None) -> np.ndarray:
@@ -72,7 +92,9 @@ class Segmenter:
                 check_cancel(cancel, "segmentation")
                 batch = torch.from_numpy(np.ascontiguousarray(slices[start:start + batch_size]))
                 batch = window(batch.to(self.device)[:, None], self.window["center"], self.window["width"])
-                logits = self.model(resize_slices(batch, self.input_size))
+                with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
+                                    enabled=self.autocast_dtype is not None):
+                    logits = self.model(resize_slices(batch, self.input_size)).float()
                 logits = resize_slices(logits, (height, width))
                 out[start:start + batch_size] = torch.sigmoid(logits)[:, 0].float().cpu().numpy()
                 progress(min(1.0, (start + batch_size) / count), f"slice {min(count, start + batch_size)}/{count}")

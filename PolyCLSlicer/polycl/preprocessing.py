@@ -130,7 +130,7 @@ def validate_ct(array: np.ndarray, name: str = "volume") -> list[str]:
     if low == high:
         raise InputVolumeError(f"{name}: every voxel has the value {low}; the volume is empty")
     notes = []
-    if low > -200 or high < 100:
+    if low > -200 or high < 0:
         notes.append(
             f"{name}: intensity range [{low:g}, {high:g}] does not look like CT in Hounsfield units "
             "(expected air near -1000 HU and soft tissue 0-100 HU); results may be meaningless"

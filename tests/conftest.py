@@ -1,0 +1,59 @@
+"""Shared fixtures: the real CT data folder ($POLYCL_DATA or ../shared/data) and small synthetic volumes."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "PolyCLSlicer"))  # the core package, also without `pip install -e .`
+
+LABELED_CASES = ("totalseg_sm", "totalseg_dcm", "dcmqi_3slice")
+
+
+def shared_data_dir() -> Path | None:
+    candidates = [os.environ.get("POLYCL_DATA"), ROOT.parent / "shared" / "data"]
+    for candidate in candidates:
+        if candidate and Path(candidate).is_dir():
+            return Path(candidate)
+    return None
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    path = shared_data_dir()
+    if path is None:
+        pytest.skip("real CT data not found: set POLYCL_DATA or place shared/data beside the repository")
+    return path
+
+
+@pytest.fixture(scope="session")
+def labeled_case(data_dir):
+    """Return a loader: case name -> (CT Volume, mask Volume)."""
+    from polycl.io import read_mask, read_volume
+
+    cache = {}
+
+    def load(name: str):
+        if name not in cache:
+            ct = read_volume(data_dir / "labeled" / f"{name}_ct.nii.gz")
+            cache[name] = (ct, read_mask(data_dir / "labeled" / f"{name}_liver.nii.gz", ct))
+        return cache[name]
+
+    return load
+
+
+def oblique_matrix(spacing=(0.8, 1.1, 2.5), angles=(0.3, -0.2, 0.15), origin=(-120.0, 80.0, -300.0)) -> np.ndarray:
+    """An anisotropic, oblique IJK->RAS matrix (rotation about all three axes)."""
+    ax, ay, az = angles
+    rx = np.array([[1, 0, 0], [0, np.cos(ax), -np.sin(ax)], [0, np.sin(ax), np.cos(ax)]])
+    ry = np.array([[np.cos(ay), 0, np.sin(ay)], [0, 1, 0], [-np.sin(ay), 0, np.cos(ay)]])
+    rz = np.array([[np.cos(az), -np.sin(az), 0], [np.sin(az), np.cos(az), 0], [0, 0, 1]])
+    matrix = np.eye(4)
+    matrix[:3, :3] = rz @ ry @ rx @ np.diag(spacing)
+    matrix[:3, 3] = origin
+    return matrix
