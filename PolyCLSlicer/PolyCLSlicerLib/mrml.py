@@ -1,0 +1,339 @@
+"""MRML nodes <-> core arrays: the only place that translates between Slicer and ``polycl`` conventions.
+
+``polycl`` works on arrays indexed ``[i, j, k]`` with a 4x4 IJK->RAS matrix.  VTK image data (and so
+``slicer.util.arrayFromVolume``) is ``[k, j, i]``; the matrix comes from ``GetIJKToRASMatrix``.
+Every function here runs on the main thread (MRML is not thread-safe) and works under the real
+Slicer app as well as under ``slicer-core`` (no ``slicer.app``, no ``slicer.modules``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import slicer
+import vtk
+from vtk.util import numpy_support
+
+LIVER_SEGMENT_NAME = "Liver"
+REVIEW_ATTRIBUTE = "PolyCL.Review"
+TERMINOLOGY_FILE = Path(__file__).resolve().parent.parent / "Resources" / "polycl_liver.term.json"
+ANATOMIC_CONTEXT = "Anatomic codes - DICOM master list"
+
+
+class GeometryError(ValueError):
+    """Nodes whose geometry cannot be used as given (transforms, empty images)."""
+
+
+# ----------------------------------------------------------------------------------------- scene
+def ensure_segmentation_support() -> None:
+    """Register the segmentation conversion rules (the app does this at startup; slicer-core does not)."""
+    factory = slicer.vtkSegmentationConverterFactory.GetInstance()
+    if (
+        factory.ConstructRepresentationObjectByRepresentation(
+            slicer.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName()
+        )
+        is not None
+    ):
+        return
+    factory.RegisterConverterRule(slicer.vtkBinaryLabelmapToClosedSurfaceConversionRule())
+    factory.RegisterConverterRule(slicer.vtkClosedSurfaceToBinaryLabelmapConversionRule())
+
+
+def new_scene() -> slicer.vtkMRMLScene:
+    """A headless MRML scene with default colour tables and segmentation support."""
+    ensure_segmentation_support()
+    scene = slicer.vtkMRMLScene()
+    color_logic = slicer.vtkMRMLColorLogic()
+    color_logic.SetMRMLScene(scene)
+    color_logic.SetMRMLScene(None)  # tables stay in the scene; the logic need not observe it
+    return scene
+
+
+def scene_of(node: slicer.vtkMRMLNode) -> slicer.vtkMRMLScene:
+    scene = node.GetScene()
+    if scene is None:
+        raise GeometryError(f"node {node.GetName()!r} is not in a MRML scene")
+    return scene
+
+
+# ---------------------------------------------------------------------------------------- arrays
+def matrix_to_array(matrix: vtk.vtkMatrix4x4) -> np.ndarray:
+    return np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)])
+
+
+def array_to_matrix(array: np.ndarray) -> vtk.vtkMatrix4x4:
+    matrix = vtk.vtkMatrix4x4()
+    for r in range(4):
+        for c in range(4):
+            matrix.SetElement(r, c, float(array[r][c]))
+    return matrix
+
+
+def ijk_to_ras(volume_node: slicer.vtkMRMLVolumeNode) -> np.ndarray:
+    """4x4 IJK->RAS of a volume node (direction x spacing, origin)."""
+    matrix = vtk.vtkMatrix4x4()
+    volume_node.GetIJKToRASMatrix(matrix)
+    return matrix_to_array(matrix)
+
+
+def _image_to_array(image: vtk.vtkImageData) -> np.ndarray:
+    dims = image.GetDimensions()
+    scalars = image.GetPointData().GetScalars() if image.GetPointData() else None
+    if scalars is None or min(dims) < 1:
+        raise GeometryError("image holds no voxels")
+    if scalars.GetNumberOfComponents() != 1:
+        raise GeometryError(
+            f"image has {scalars.GetNumberOfComponents()} components; a scalar CT is required"
+        )
+    return np.transpose(numpy_support.vtk_to_numpy(scalars).reshape(dims[::-1]), (2, 1, 0))
+
+
+def volume_array(volume_node: slicer.vtkMRMLVolumeNode) -> np.ndarray:
+    """Copy of the voxels as an ``[i, j, k]`` array."""
+    check_no_transform(volume_node)
+    image = volume_node.GetImageData()
+    if image is None:
+        raise GeometryError(f"volume {volume_node.GetName()!r} has no image data")
+    return np.array(_image_to_array(image))
+
+
+def _fill_image(image: vtk.vtkImageData, array: np.ndarray) -> None:
+    array = np.asarray(array)
+    image.SetDimensions(*array.shape)
+    image.AllocateScalars(numpy_support.get_vtk_array_type(array.dtype), 1)
+    target = numpy_support.vtk_to_numpy(image.GetPointData().GetScalars()).reshape(array.shape[::-1])
+    target[:] = np.transpose(array, (2, 1, 0))
+    image.Modified()
+
+
+def add_volume_node(
+    scene: slicer.vtkMRMLScene, array: np.ndarray, matrix: np.ndarray, name: str = "CT"
+) -> slicer.vtkMRMLScalarVolumeNode:
+    """New scalar volume node from an ``[i, j, k]`` array and its IJK->RAS matrix."""
+    node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name)
+    image = vtk.vtkImageData()
+    _fill_image(image, array)
+    node.SetAndObserveImageData(image)
+    node.SetIJKToRASMatrix(array_to_matrix(matrix))
+    node.CreateDefaultDisplayNodes()
+    return node
+
+
+def axial_axis(matrix: np.ndarray) -> int:
+    """Array axis closest to the patient's inferior-superior axis."""
+    directions = np.asarray(matrix, float)[:3, :3]
+    directions = directions / np.linalg.norm(directions, axis=0, keepdims=True)
+    return int(np.argmax(np.abs(directions[2])))
+
+
+def check_no_transform(node: slicer.vtkMRMLNode) -> None:
+    """The engine works on the node's own grid; parent transforms must be hardened first."""
+    if node.GetParentTransformNode() is not None:
+        raise GeometryError(
+            f"{node.GetName()!r} is under the transform {node.GetParentTransformNode().GetName()!r}; "
+            "harden the transform (Data module, right-click) before running PolyCL"
+        )
+
+
+# -------------------------------------------------------------------------------------- segments
+def oriented_image(mask: np.ndarray, matrix: np.ndarray) -> slicer.vtkOrientedImageData:
+    """Binary ``[i, j, k]`` mask as a uint8 vtkOrientedImageData on the given grid."""
+    image = slicer.vtkOrientedImageData()
+    _fill_image(image, (np.asarray(mask) > 0).astype(np.uint8))
+    image.SetImageToWorldMatrix(array_to_matrix(matrix))
+    return image
+
+
+def new_segmentation_node(
+    volume_node: slicer.vtkMRMLVolumeNode, name: str | None = None
+) -> slicer.vtkMRMLSegmentationNode:
+    """Empty segmentation in the volume's scene, with the volume as reference geometry."""
+    ensure_segmentation_support()
+    node = scene_of(volume_node).AddNewNodeByClass(
+        "vtkMRMLSegmentationNode", name or f"{volume_node.GetName()} PolyCL"
+    )
+    node.CreateDefaultDisplayNodes()
+    node.SetReferenceImageGeometryParameterFromVolumeNode(volume_node)
+    return node
+
+
+def segment_names(segmentation_node: slicer.vtkMRMLSegmentationNode) -> list[str]:
+    segmentation = segmentation_node.GetSegmentation()
+    return [segmentation.GetNthSegment(i).GetName() for i in range(segmentation.GetNumberOfSegments())]
+
+
+def unique_segment_name(segmentation_node: slicer.vtkMRMLSegmentationNode, base: str) -> str:
+    """``base`` if unused, else ``base (2)``, ``base (3)`` ..."""
+    names = set(segment_names(segmentation_node))
+    if base not in names:
+        return base
+    number = 2
+    while f"{base} ({number})" in names:
+        number += 1
+    return f"{base} ({number})"
+
+
+def segment_id_by_name(segmentation_node: slicer.vtkMRMLSegmentationNode, name: str) -> str | None:
+    segment_id = segmentation_node.GetSegmentation().GetSegmentIdBySegmentName(name)
+    return segment_id or None
+
+
+def write_segment_mask(
+    segmentation_node: slicer.vtkMRMLSegmentationNode, segment_id: str, mask: np.ndarray, matrix: np.ndarray
+) -> None:
+    """Replace a segment's binary labelmap with an ``[i, j, k]`` mask on the grid ``matrix``."""
+    ensure_segmentation_support()
+    check_no_transform(segmentation_node)
+    segmentation = segmentation_node.GetSegmentation()
+    layer = segmentation.GetLayerIndex(segment_id)
+    if layer >= 0 and len(segmentation.GetSegmentIDsForLayer(layer)) > 1:
+        segmentation.SeparateSegmentLabelmap(segment_id)  # never touch segments sharing its layer
+    image = oriented_image(mask, matrix)
+    ok = slicer.vtkSlicerSegmentationsModuleLogic.SetBinaryLabelmapToSegment(
+        image,
+        segmentation_node,
+        segment_id,
+        slicer.vtkSlicerSegmentationsModuleLogic.MODE_REPLACE,
+        image.GetExtent(),
+    )
+    if not ok:
+        raise RuntimeError(f"could not write the labelmap of segment {segment_id!r}")
+
+
+def segment_mask(
+    segmentation_node: slicer.vtkMRMLSegmentationNode, segment_id: str, volume_node: slicer.vtkMRMLVolumeNode
+) -> np.ndarray:
+    """A segment as a uint8 ``[i, j, k]`` mask on the volume's grid (nearest-neighbour resampling)."""
+    ensure_segmentation_support()
+    check_no_transform(segmentation_node)
+    check_no_transform(volume_node)
+    if segmentation_node.GetSegmentation().GetSegment(segment_id) is None:
+        raise KeyError(f"segment {segment_id!r} not in {segmentation_node.GetName()!r}")
+    dims = volume_node.GetImageData().GetDimensions()
+    labelmap = slicer.vtkOrientedImageData()
+    segmentation_node.GetBinaryLabelmapRepresentation(segment_id, labelmap)
+    extent = labelmap.GetExtent()
+    if labelmap.GetPointData().GetScalars() is None or extent[1] < extent[0]:
+        return np.zeros(dims, np.uint8)
+    reference = slicer.vtkOrientedImageData()
+    reference.SetExtent(0, dims[0] - 1, 0, dims[1] - 1, 0, dims[2] - 1)
+    reference.SetImageToWorldMatrix(array_to_matrix(ijk_to_ras(volume_node)))
+    resampled = slicer.vtkOrientedImageData()
+    slicer.vtkOrientedImageDataResample.ResampleOrientedImageToReferenceOrientedImage(
+        labelmap, reference, resampled, False, True
+    )
+    return (_padded_to(resampled, dims) > 0).astype(np.uint8)
+
+
+def _padded_to(image: vtk.vtkImageData, dims: tuple[int, int, int]) -> np.ndarray:
+    """Array of ``image`` placed into a zero ``dims`` grid according to its extent."""
+    out = np.zeros(dims, np.uint8)
+    extent = image.GetExtent()
+    if extent[1] < extent[0] or image.GetPointData().GetScalars() is None:
+        return out
+    values = _image_to_array(image)
+    lo = [max(extent[2 * a], 0) for a in range(3)]
+    hi = [min(extent[2 * a + 1], dims[a] - 1) for a in range(3)]
+    if any(h < low for low, h in zip(lo, hi, strict=True)):
+        return out
+    src = tuple(slice(lo[a] - extent[2 * a], hi[a] - extent[2 * a] + 1) for a in range(3))
+    out[lo[0] : hi[0] + 1, lo[1] : hi[1] + 1, lo[2] : hi[2] + 1] = values[src]
+    return out
+
+
+# ----------------------------------------------------------------------------------- terminology
+def liver_terminology(path: str | os.PathLike = TERMINOLOGY_FILE) -> tuple[str, tuple[float, float, float]]:
+    """Slicer terminology entry string and recommended colour (0-1) of the liver in our .term.json."""
+    with open(path, encoding="utf-8") as handle:
+        content = json.load(handle)
+    context = content["SegmentationCategoryTypeContextName"]
+    for category in content["SegmentationCodes"]["Category"]:
+        for entry in category.get("Type", []):
+            if entry["CodeValue"] == "10200004":
+                text = f"{context}~{_code(category)}~{_code(entry)}~^^~{ANATOMIC_CONTEXT}~^^~^^"
+                rgb = tuple(v / 255.0 for v in entry.get("recommendedDisplayRGBValue", (221, 130, 101)))
+                return text, rgb
+    raise KeyError(f"{path}: no SNOMED CT liver (10200004) entry")
+
+
+def _code(entry: dict) -> str:
+    return f"{entry['CodingSchemeDesignator']}^{entry['CodeValue']}^{entry['CodeMeaning']}"
+
+
+def set_liver_terminology(segment: slicer.vtkSegment) -> None:
+    terminology, color = liver_terminology()
+    name = segment.GetName()
+    segment.SetTerminology(terminology)
+    segment.SetColor(*color)
+    segment.SetName(name)
+
+
+def is_liver_segment(segment: slicer.vtkSegment) -> bool:
+    """Liver by SNOMED CT code in its terminology, else by name."""
+    terminology = segment.GetTerminology() or ""
+    return "^10200004^" in terminology or segment.GetName().strip().lower().startswith("liver")
+
+
+# ---------------------------------------------------------------------------------- review slices
+def store_review(
+    segmentation_node: slicer.vtkMRMLSegmentationNode, segment_id: str, axis: int, rows: list[dict]
+) -> None:
+    """Keep the per-slice disagreement list with the segmentation (saved with the scene)."""
+    segmentation_node.SetAttribute(
+        REVIEW_ATTRIBUTE, json.dumps({"segmentId": segment_id, "axis": axis, "rows": rows})
+    )
+
+
+def load_review(segmentation_node: slicer.vtkMRMLSegmentationNode) -> dict | None:
+    text = segmentation_node.GetAttribute(REVIEW_ATTRIBUTE)
+    return json.loads(text) if text else None
+
+
+def slice_center_ras(
+    volume_node: slicer.vtkMRMLVolumeNode, axis: int, index: int
+) -> tuple[float, float, float]:
+    """RAS position of the centre of slice ``index`` along array axis ``axis``."""
+    dims = volume_node.GetImageData().GetDimensions()
+    ijk = [(d - 1) / 2.0 for d in dims]
+    ijk[axis] = float(index)
+    ras = ijk_to_ras(volume_node) @ np.array([*ijk, 1.0])
+    return tuple(float(v) for v in ras[:3])
+
+
+# ------------------------------------------------------------------------------------------- I/O
+def save_segmentation(segmentation_node: slicer.vtkMRMLSegmentationNode, path: str | os.PathLike) -> Path:
+    """Write a ``.seg.nrrd`` atomically (temporary file in the same folder, then rename)."""
+    path = Path(path)
+    if not path.name.lower().endswith(".seg.nrrd"):
+        raise ValueError(f"{path}: segmentations are written as .seg.nrrd")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temp = tempfile.mkstemp(prefix=".tmp-", suffix=".seg.nrrd", dir=path.parent)
+    os.close(handle)
+    storage = slicer.vtkMRMLSegmentationStorageNode()
+    storage.SetFileName(temp)
+    storage.SetUseCompression(True)
+    try:
+        if not storage.WriteData(segmentation_node):
+            raise OSError(f"{path}: writing the segmentation failed")
+        os.replace(temp, path)
+    finally:
+        if os.path.exists(temp):
+            os.unlink(temp)
+    return path
+
+
+def load_segmentation(scene: slicer.vtkMRMLScene, path: str | os.PathLike) -> slicer.vtkMRMLSegmentationNode:
+    """Read a ``.seg.nrrd`` into a new segmentation node."""
+    ensure_segmentation_support()
+    node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", Path(path).name.split(".")[0])
+    storage = slicer.vtkMRMLSegmentationStorageNode()
+    storage.SetFileName(str(path))
+    if not storage.ReadData(node):
+        scene.RemoveNode(node)
+        raise OSError(f"{path}: not a readable segmentation")
+    node.CreateDefaultDisplayNodes()
+    return node
