@@ -7,6 +7,7 @@ import threading
 import numpy as np
 import pytest
 import torch
+
 from conftest import oblique_matrix
 from polycl.checkpoints import default_card, load_checkpoint, save_model
 from polycl.finetuning import FinetuneConfig, finetune, split_scans

@@ -6,6 +6,7 @@ import itertools
 
 import numpy as np
 import pytest
+
 from conftest import oblique_matrix
 from polycl.io import read_volume, write_mask, write_volume
 from polycl.preprocessing import CanonicalOrientation, axial_axis

@@ -9,6 +9,8 @@ import zipfile
 
 import pytest
 import torch
+from safetensors.torch import save_file
+
 from polycl.checkpoints import (
     CheckpointError,
     default_card,
@@ -20,7 +22,6 @@ from polycl.checkpoints import (
     save_model,
 )
 from polycl.models import ProjectionHead, build_model, convert_reference_state_dict, count_parameters
-from safetensors.torch import save_file
 
 
 def test_polycl_unet_matches_method_description():

@@ -51,15 +51,23 @@ def command_segment(args: argparse.Namespace) -> int:
     from .inference import Segmenter
     from .io import read_mask, read_volume, write_mask, write_volume
     from .metrics import evaluate
+    from .preprocessing import validate_ct
 
     output = Path(args.output)
     _check_output(output, args.overwrite)
     volume = read_volume(args.input)
+    notes = validate_ct(volume.array, str(args.input))
+    if notes and not args.allow_non_ct:
+        raise CliError(f"{notes[0]}; pass --allow-non-ct to segment anyway")
+    for note in notes:
+        print(f"polycl: warning: {note}", file=sys.stderr)
     segmenter = Segmenter.from_checkpoint(args.checkpoint, args.device)
     progress, close = _tqdm_progress("segment")
     try:
-        result = segmenter.segment(volume.array, volume.ijk_to_ras, batch_size=args.batch_size,
-                                   largest_component=not args.no_largest_component, progress=progress)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # already reported above
+            result = segmenter.segment(volume.array, volume.ijk_to_ras, batch_size=args.batch_size,
+                                       largest_component=not args.no_largest_component, progress=progress)
     finally:
         close()
     mask = result.mask
@@ -193,6 +201,8 @@ def _add_segment(subparsers) -> None:
     parser.add_argument("--no-largest-component", action="store_true",
                         help="keep every connected component (default keeps the largest 3D one)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    parser.add_argument("--allow-non-ct", action="store_true",
+                        help="segment even when the intensities do not look like CT in Hounsfield units")
     try:
         from .cli_sam import add_refine_arguments
     except ImportError:

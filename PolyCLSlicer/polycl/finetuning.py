@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import math
 import os
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -87,7 +88,8 @@ def slices_from_pairs(pairs: list[tuple[Volume, Volume]], size: int, middle_frac
     """Canonical, windowed, resized slices of every (CT, mask) pair."""
     images, masks, scan_ids = [], [], []
     for scan, (ct, label) in enumerate(pairs):
-        validate_ct(ct.array, ct.source or f"scan {scan}")
+        for note in validate_ct(ct.array, ct.source or f"scan {scan}"):
+            warnings.warn(note, stacklevel=2)
         check_same_grid(label, ct, what=f"label of {ct.source or f'scan {scan}'}")
         orientation = CanonicalOrientation.from_matrix(ct.ijk_to_ras)
         ct_slices = orientation.to_canonical(ct.array)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -105,6 +106,8 @@ class Segmenter:
                 cancel: CancelFlag | None = None) -> SegmentationResult:
         """Segment the liver in a CT volume given as [i, j, k] HU array + IJK->RAS matrix."""
         notes = validate_ct(array)
+        for note in notes:
+            warnings.warn(note, stacklevel=2)
         orientation = CanonicalOrientation.from_matrix(ijk_to_ras)
         canonical = orientation.to_canonical(array)
         probability = self.predict_slices(canonical, batch_size, progress, cancel)

@@ -10,7 +10,6 @@ permutation and flips only, so the mapping is exact and invertible (no resamplin
 from __future__ import annotations
 
 import itertools
-import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -113,7 +112,7 @@ def middle_slices(num_slices: int, fraction: float = 0.3) -> slice:
 
 
 def validate_ct(array: np.ndarray, name: str = "volume") -> list[str]:
-    """Raise InputVolumeError for arrays that cannot be a CT; return warnings for odd ones."""
+    """Raise InputVolumeError for arrays that cannot be a CT; return notes (warnings) for odd ones."""
     array = np.asarray(array)
     if array.ndim != 3:
         raise InputVolumeError(f"{name}: expected a 3D volume, got {array.ndim}D shape {array.shape}")
@@ -135,6 +134,4 @@ def validate_ct(array: np.ndarray, name: str = "volume") -> list[str]:
             f"{name}: intensity range [{low:g}, {high:g}] does not look like CT in Hounsfield units "
             "(expected air near -1000 HU and soft tissue 0-100 HU); results may be meaningless"
         )
-    for note in notes:
-        warnings.warn(note, stacklevel=2)
     return notes
