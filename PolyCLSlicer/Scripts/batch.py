@@ -1,0 +1,146 @@
+"""Headless batch liver segmentation through the PolyCLSlicer Logic.
+
+Inside 3D Slicer (no window):
+    Slicer --no-main-window --python-script PolyCLSlicer/Scripts/batch.py --input DIR_OR_FILE --output DIR
+Under plain Python with slicer-core (CI, servers):
+    python PolyCLSlicer/Scripts/batch.py --input DIR_OR_FILE --output DIR
+
+Writes ``<name>.seg.nrrd`` (segment "Liver", SNOMED CT terminology, geometry of the input) and, with
+``--nifti``, ``<name>_liver.nii.gz`` per input volume.  A file that cannot be read or segmented is
+reported and skipped; a summary table is printed; the exit code is 1 when any input failed
+(2 when the input does not exist).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+MODULE_DIR = Path(__file__).resolve().parent.parent
+if str(MODULE_DIR) not in sys.path:
+    sys.path.insert(0, str(MODULE_DIR))
+
+VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+
+
+def volume_stem(path: Path) -> str:
+    """File name without its volume extension (a DICOM folder keeps its name)."""
+    name = path.name
+    for suffix in VOLUME_SUFFIXES:
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def find_inputs(path: Path) -> list[Path]:
+    """The file itself, or the volumes (and DICOM series folders) directly inside a folder."""
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such file or folder")
+    if path.is_file() or any(path.glob("*.dcm")):
+        return [path]
+    found = []
+    for child in sorted(path.iterdir()):
+        if child.name.startswith(".") or child.name.lower().endswith(".seg.nrrd"):
+            continue
+        if child.is_file() and child.name.lower().endswith(VOLUME_SUFFIXES):
+            found.append(child)
+        elif child.is_dir() and any(child.glob("*.dcm")):
+            found.append(child)
+    return found
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--input", required=True, type=Path, help="CT file, DICOM series folder, or folder of them")
+    parser.add_argument("--output", required=True, type=Path, help="output folder")
+    parser.add_argument("--checkpoint", default=None, help="PolyCL .safetensors checkpoint (default: starter model)")
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--refine", default="none", choices=("none", "litemedsam", "sam", "sam2"),
+                        help="SAM-family refinement of the PolyCL mask")
+    parser.add_argument("--sam-checkpoint", default=None, help="segment-anything checkpoint (--refine sam)")
+    parser.add_argument("--sam-model", default="vit_b", choices=("vit_b", "vit_l", "vit_h"))
+    parser.add_argument("--sam2-checkpoint", default=None, help="SAM 2 checkpoint (--refine sam2)")
+    parser.add_argument("--nifti", action="store_true", help="also write <name>_liver.nii.gz")
+    parser.add_argument("--overwrite", action="store_true", help="replace existing outputs (default: skip them)")
+    return parser.parse_args(argv)
+
+
+def format_table(rows: list[tuple[str, ...]], header: tuple[str, ...]) -> str:
+    widths = [max(len(str(r[c])) for r in [header, *rows]) for c in range(len(header))]
+    lines = ["  ".join(str(v).ljust(w) for v, w in zip(row, widths, strict=True)).rstrip()
+             for row in [header, tuple("-" * w for w in widths), *rows]]
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    import slicer
+    from PolyCLSlicerLib import mrml
+
+    from PolyCLSlicer import HAS_APP, PolyCLSlicerLogic
+
+    try:
+        inputs = find_inputs(args.input)
+    except FileNotFoundError as error:
+        print(error, file=sys.stderr)
+        return 2
+    if not inputs:
+        print(f"no CT volumes found in {args.input}", file=sys.stderr)
+        return 1
+    args.output.mkdir(parents=True, exist_ok=True)
+    scene = slicer.mrmlScene if HAS_APP else mrml.new_scene()
+    logic = PolyCLSlicerLogic()
+    options = {"checkpoint": args.checkpoint, "device": args.device, "refiner": args.refine,
+               "samCheckpoint": args.sam_checkpoint, "samModel": args.sam_model,
+               "sam2Checkpoint": args.sam2_checkpoint}
+    rows, failed, stems = [], 0, set()
+    for number, path in enumerate(inputs, start=1):
+        stem = volume_stem(path)
+        while stem in stems:  # a.nii.gz and a.nrrd in one folder
+            stem += "_"
+        stems.add(stem)
+        target = args.output / f"{stem}.seg.nrrd"
+        started = time.perf_counter()
+        before = {scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes())}
+        try:
+            if target.exists() and not args.overwrite:
+                rows.append((path.name, "skipped", "", "", "0.0", f"{target.name} exists (--overwrite)"))
+            else:
+                volume = logic.loadVolume(scene, path, stem)
+                report = logic.segment(volume, **options)
+                mrml.save_segmentation(report.segmentationNode, target)
+                if args.nifti:
+                    logic.exportSegment(report.segmentationNode, report.segmentId, volume,
+                                        args.output / f"{stem}_liver.nii.gz")
+                note = "; ".join([target.name, *report.warnings])
+                rows.append((path.name, "ok", f"{report.volumeMl:.1f}", str(len(report.slices)),
+                             f"{time.perf_counter() - started:.1f}", note))
+        except Exception as error:  # one bad file must not stop the batch
+            failed += 1
+            message = (str(error).strip().splitlines() or [type(error).__name__])[-1]
+            rows.append((path.name, "FAILED", "", "", f"{time.perf_counter() - started:.1f}", message))
+        finally:
+            for i in reversed(range(scene.GetNumberOfNodes())):
+                node = scene.GetNthNode(i)
+                if node is not None and node.GetID() not in before:
+                    scene.RemoveNode(node)
+        print(f"[{number}/{len(inputs)}] {path.name}: {rows[-1][1]}", file=sys.stderr, flush=True)
+    print(format_table(rows, ("input", "status", "liver ml", "slices", "seconds", "output / reason")))
+    print(f"\n{len(inputs) - failed} of {len(inputs)} processed, {failed} failed; outputs in {args.output}")
+    return 1 if failed else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run(parse_args(argv))
+
+
+if __name__ == "__main__":
+    code = main(sys.argv[1:])
+    import slicer
+
+    if hasattr(slicer, "app"):  # inside Slicer: leave the application with the batch's status
+        slicer.util.exit(code)
+    else:
+        sys.exit(code)
