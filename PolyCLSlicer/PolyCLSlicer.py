@@ -76,18 +76,9 @@ except ImportError:  # slicer-core: plain stand-ins, the Logic stays fully usabl
 
 PROJECT_URL = "https://github.com/PolyCLSlicer/PolyCLSlicer"  # set to the published repository
 SAMPLE_DATA_URL = f"{PROJECT_URL}/releases/download/sample-data-v1"
-SAMPLE_CT = (
-    "PolyCLLiverCT.nii.gz",
-    "SHA256:68dd27de0963491c187781a6042cfdad1ee01788f888cdcb9fc1ce4ce5c6e381",
-)
-SAMPLE_LIVER = (
-    "PolyCLLiverCT_liver.nii.gz",
-    "SHA256:0700c3e4ab7acf8a979ebfeb1b4858737aa8995538e4ce31b8e9b16d71697c9f",
-)
-SAMPLE_LOCAL = {
-    SAMPLE_CT[0]: "labeled/totalseg_sm_ct.nii.gz",
-    SAMPLE_LIVER[0]: "labeled/totalseg_sm_liver.nii.gz",
-}
+SAMPLE_CT = ("PolyCLLiverCT.nii.gz", "SHA256:68dd27de0963491c187781a6042cfdad1ee01788f888cdcb9fc1ce4ce5c6e381")
+SAMPLE_LIVER = ("PolyCLLiverCT_liver.nii.gz", "SHA256:0700c3e4ab7acf8a979ebfeb1b4858737aa8995538e4ce31b8e9b16d71697c9f")
+SAMPLE_LOCAL = {SAMPLE_CT[0]: "labeled/totalseg_sm_ct.nii.gz", SAMPLE_LIVER[0]: "labeled/totalseg_sm_liver.nii.gz"}
 SELFTEST_MIN_DICE = {"segment": 0.80, "propagate": 0.75}
 
 
@@ -279,9 +270,7 @@ class PolyCLSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._parameterNode:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
             self._parameterNodeGuiTag = None
-            self.removeObserver(
-                self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterNodeModified
-            )
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterNodeModified)
 
     def onSceneStartClose(self, caller: Any, event: Any) -> None:
         if self._job is not None:
@@ -302,9 +291,7 @@ class PolyCLSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def setParameterNode(self, parameterNode: PolyCLSlicerParameterNode | None) -> None:
         if self._parameterNode:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
-            self.removeObserver(
-                self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterNodeModified
-            )
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterNodeModified)
         self._parameterNode = parameterNode
         if self._parameterNode:
             self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
@@ -335,9 +322,7 @@ class PolyCLSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def showReview(self) -> None:
         p = self._parameterNode
         table = self.ui.reviewTableWidget
-        self._reviewRows = (
-            self.logic.reviewRows(p.outputSegmentation, p.inputVolume) if p.outputSegmentation else []
-        )
+        self._reviewRows = self.logic.reviewRows(p.outputSegmentation, p.inputVolume) if p.outputSegmentation else []
         table.setRowCount(len(self._reviewRows))
         for row, item in enumerate(self._reviewRows):
             dice = "" if item["dice"] is None else f"{item['dice']:.3f}"
@@ -386,11 +371,10 @@ class PolyCLSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 samCheckpoint=optionalPath(p.samCheckpoint),
                 samModel=p.samModel.value,
                 sam2Checkpoint=optionalPath(p.sam2Checkpoint),
+                sam2Config=p.sam2Config or None,
                 overwrite=overwrite,
             )
-            self._startJob(
-                task, self.ui.applyButton, self.ui.progressBar, self.ui.statusLabel, self._onSegmented
-            )
+            self._startJob(task, self.ui.applyButton, self.ui.progressBar, self.ui.statusLabel, self._onSegmented)
 
     def _onSegmented(self, report: "SegmentReport") -> None:
         self._parameterNode.outputSegmentation = report.segmentationNode
@@ -479,9 +463,7 @@ class PolyCLSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _onFinetuned(self, result: Any) -> None:
         self._parameterNode.useStarterModel = False
         self._parameterNode.checkpointPath = Path(result.path)
-        self.ui.finetuneStatusLabel.text = (
-            f"Saved and selected {result.path} (best epoch {result.best_epoch})."
-        )
+        self.ui.finetuneStatusLabel.text = f"Saved and selected {result.path} (best epoch {result.best_epoch})."
 
     # ---------------------------------------------------------------------------- background jobs
     def _startJob(self, task: Task, button: Any, progressBar: Any, statusLabel: Any, onDone: Any) -> None:
@@ -514,9 +496,7 @@ class PolyCLSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             elif event.kind == "failed":
                 self._endJob()
                 job.statusLabel.text = f"Failed: {event.message}"
-                slicer.util.errorDisplay(
-                    f"{job.runner.task.name} failed: {event.message}", detailedText=event.details
-                )
+                slicer.util.errorDisplay(f"{job.runner.task.name} failed: {event.message}", detailedText=event.details)
 
     def _endJob(self) -> None:
         job, self._job = self._job, None
@@ -546,10 +526,7 @@ class SegmentReport:
     review: list[dict] = field(default_factory=list)
 
     def summary(self) -> str:
-        text = (
-            f"'{self.segmentName}': {self.volumeMl:.1f} ml on {len(self.slices)} slices "
-            f"({self.seconds:.1f} s)"
-        )
+        text = f"'{self.segmentName}': {self.volumeMl:.1f} ml on {len(self.slices)} slices ({self.seconds:.1f} s)"
         if self.review:
             text += f"; {len(self.review)} slices to review"
         return text + "".join(f"\nWarning: {w}" for w in self.warnings)
@@ -565,7 +542,7 @@ class PolyCLSlicerLogic(ScriptedLoadableModuleLogic):
 
     def __init__(self) -> None:
         ScriptedLoadableModuleLogic.__init__(self)
-        self.segmenters = core.SegmenterCache()
+        self.models = core.ModelCache()
 
     def getParameterNode(self) -> PolyCLSlicerParameterNode:
         return PolyCLSlicerParameterNode(super().getParameterNode())
@@ -603,6 +580,7 @@ class PolyCLSlicerLogic(ScriptedLoadableModuleLogic):
         samCheckpoint: str | None = None,
         samModel: str = "vit_b",
         sam2Checkpoint: str | None = None,
+        sam2Config: str | None = None,
         segmentName: str = mrml.LIVER_SEGMENT_NAME,
         overwrite: bool = False,
     ) -> Task:
@@ -616,18 +594,8 @@ class PolyCLSlicerLogic(ScriptedLoadableModuleLogic):
         started = time.perf_counter()
 
         def compute(progress: Any, cancel: Any) -> core.SegmentOutput:
-            return core.segment(
-                self.segmenters,
-                array,
-                matrix,
-                checkpoint,
-                device,
-                refiner,
-                refinerCheckpoint,
-                samModel,
-                progress,
-                cancel,
-            )
+            return core.segment(self.models, array, matrix, checkpoint, device, refiner, refinerCheckpoint,
+                                samModel, sam2Config, progress, cancel)
 
         def apply(output: core.SegmentOutput) -> SegmentReport:
             node = segmentationNode or mrml.new_segmentation_node(volumeNode)
@@ -639,9 +607,7 @@ class PolyCLSlicerLogic(ScriptedLoadableModuleLogic):
             ]
             if output.disagreements:
                 mrml.store_review(node, segmentId, output.axis, output.disagreements)
-            return self._report(
-                node, segmentId, output.mask, matrix, output.axis, started, output.warnings, review
-            )
+            return self._report(node, segmentId, output.mask, matrix, output.axis, started, output.warnings, review)
 
         return Task("segmentation", compute, apply)
 
@@ -661,11 +627,7 @@ class PolyCLSlicerLogic(ScriptedLoadableModuleLogic):
         return task.run(progress, cancel)
 
     def _targetSegment(
-        self,
-        segmentationNode: vtkMRMLSegmentationNode,
-        volumeNode: vtkMRMLScalarVolumeNode,
-        name: str,
-        overwrite: bool,
+        self, segmentationNode: vtkMRMLSegmentationNode, volumeNode: vtkMRMLScalarVolumeNode, name: str, overwrite: bool
     ) -> str:
         """Existing segment ``name`` when overwriting, else a new segment with a unique name."""
         if segmentationNode.GetSegmentation().GetNumberOfSegments() == 0:
@@ -777,15 +739,11 @@ class PolyCLSlicerLogic(ScriptedLoadableModuleLogic):
             if overwrite:
                 targetId = segmentId
             else:
-                name = mrml.unique_segment_name(
-                    segmentationNode, outputSegmentName or f"{sourceName} propagated"
-                )
+                name = mrml.unique_segment_name(segmentationNode, outputSegmentName or f"{sourceName} propagated")
                 targetId = segmentationNode.GetSegmentation().AddEmptySegment("", name)
                 mrml.set_liver_terminology(segmentationNode.GetSegmentation().GetSegment(targetId))
             mrml.write_segment_mask(segmentationNode, targetId, mask, matrix)
-            return self._report(
-                segmentationNode, targetId, mask, matrix, mrml.axial_axis(matrix), started, [], []
-            )
+            return self._report(segmentationNode, targetId, mask, matrix, mrml.axial_axis(matrix), started, [], [])
 
         return Task("propagation", compute, apply)
 
@@ -826,9 +784,7 @@ class PolyCLSlicerLogic(ScriptedLoadableModuleLogic):
         for index in range(scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode")):
             node = scene.GetNthNodeByClass(index, "vtkMRMLSegmentationNode")
             reference = node.GetNodeReference(role)
-            if not isinstance(reference, vtkMRMLScalarVolumeNode) or reference.IsA(
-                "vtkMRMLLabelMapVolumeNode"
-            ):
+            if not isinstance(reference, vtkMRMLScalarVolumeNode) or reference.IsA("vtkMRMLLabelMapVolumeNode"):
                 continue
             if volumeNode is not None and reference is not volumeNode:
                 continue
@@ -917,8 +873,7 @@ class PolyCLSlicerLogic(ScriptedLoadableModuleLogic):
                 vtkMRMLSegmentationNode.GetReferenceImageGeometryReferenceRole()
             )
         return [
-            {**row, "ras": mrml.slice_center_ras(volumeNode, review["axis"], row["slice"])}
-            for row in review["rows"]
+            {**row, "ras": mrml.slice_center_ras(volumeNode, review["axis"], row["slice"])} for row in review["rows"]
         ]
 
     # --------------------------------------------------------------------------------------- I/O
@@ -928,9 +883,7 @@ class PolyCLSlicerLogic(ScriptedLoadableModuleLogic):
         from polycl.io import read_volume
 
         volume = read_volume(path)
-        return mrml.add_volume_node(
-            scene, volume.array, volume.ijk_to_ras, name or Path(path).name.split(".")[0]
-        )
+        return mrml.add_volume_node(scene, volume.array, volume.ijk_to_ras, name or Path(path).name.split(".")[0])
 
     @staticmethod
     def exportSegment(
@@ -942,9 +895,7 @@ class PolyCLSlicerLogic(ScriptedLoadableModuleLogic):
         """Write one segment as a binary mask (NIfTI / NRRD) on the volume's grid."""
         from polycl.io import write_mask
 
-        return write_mask(
-            path, mrml.segment_mask(segmentationNode, segmentId, volumeNode), mrml.ijk_to_ras(volumeNode)
-        )
+        return write_mask(path, mrml.segment_mask(segmentationNode, segmentId, volumeNode), mrml.ijk_to_ras(volumeNode))
 
 
 #
@@ -975,9 +926,7 @@ class PolyCLSlicerTest(ScriptedLoadableModuleTest):
 
             registerSampleData()
             volume, reference = SampleData.downloadSample("PolyCLLiverCT")
-            return volume, mrml.segment_mask(
-                reference, reference.GetSegmentation().GetNthSegmentID(0), volume
-            )
+            return volume, mrml.segment_mask(reference, reference.GetSegmentation().GetNthSegmentID(0), volume)
         root = Path(os.environ.get("POLYCL_DATA", MODULE_DIR.parent.parent / "shared" / "data"))
         ct, liver = (root / SAMPLE_LOCAL[SAMPLE_CT[0]]), (root / SAMPLE_LOCAL[SAMPLE_LIVER[0]])
         if not ct.exists():

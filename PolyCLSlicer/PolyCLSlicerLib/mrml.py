@@ -86,9 +86,7 @@ def _image_to_array(image: vtk.vtkImageData) -> np.ndarray:
     if scalars is None or min(dims) < 1:
         raise GeometryError("image holds no voxels")
     if scalars.GetNumberOfComponents() != 1:
-        raise GeometryError(
-            f"image has {scalars.GetNumberOfComponents()} components; a scalar CT is required"
-        )
+        raise GeometryError(f"image has {scalars.GetNumberOfComponents()} components; a scalar CT is required")
     return np.transpose(numpy_support.vtk_to_numpy(scalars).reshape(dims[::-1]), (2, 1, 0))
 
 
@@ -153,9 +151,7 @@ def new_segmentation_node(
 ) -> slicer.vtkMRMLSegmentationNode:
     """Empty segmentation in the volume's scene, with the volume as reference geometry."""
     ensure_segmentation_support()
-    node = scene_of(volume_node).AddNewNodeByClass(
-        "vtkMRMLSegmentationNode", name or f"{volume_node.GetName()} PolyCL"
-    )
+    node = scene_of(volume_node).AddNewNodeByClass("vtkMRMLSegmentationNode", name or f"{volume_node.GetName()} PolyCL")
     node.CreateDefaultDisplayNodes()
     node.SetReferenceImageGeometryParameterFromVolumeNode(volume_node)
     return node
@@ -194,11 +190,7 @@ def write_segment_mask(
         segmentation.SeparateSegmentLabelmap(segment_id)  # never touch segments sharing its layer
     image = oriented_image(mask, matrix)
     ok = slicer.vtkSlicerSegmentationsModuleLogic.SetBinaryLabelmapToSegment(
-        image,
-        segmentation_node,
-        segment_id,
-        slicer.vtkSlicerSegmentationsModuleLogic.MODE_REPLACE,
-        image.GetExtent(),
+        image, segmentation_node, segment_id, slicer.vtkSlicerSegmentationsModuleLogic.MODE_REPLACE, image.GetExtent()
     )
     if not ok:
         raise RuntimeError(f"could not write the labelmap of segment {segment_id!r}")
@@ -283,9 +275,7 @@ def store_review(
     segmentation_node: slicer.vtkMRMLSegmentationNode, segment_id: str, axis: int, rows: list[dict]
 ) -> None:
     """Keep the per-slice disagreement list with the segmentation (saved with the scene)."""
-    segmentation_node.SetAttribute(
-        REVIEW_ATTRIBUTE, json.dumps({"segmentId": segment_id, "axis": axis, "rows": rows})
-    )
+    segmentation_node.SetAttribute(REVIEW_ATTRIBUTE, json.dumps({"segmentId": segment_id, "axis": axis, "rows": rows}))
 
 
 def load_review(segmentation_node: slicer.vtkMRMLSegmentationNode) -> dict | None:
@@ -293,9 +283,7 @@ def load_review(segmentation_node: slicer.vtkMRMLSegmentationNode) -> dict | Non
     return json.loads(text) if text else None
 
 
-def slice_center_ras(
-    volume_node: slicer.vtkMRMLVolumeNode, axis: int, index: int
-) -> tuple[float, float, float]:
+def slice_center_ras(volume_node: slicer.vtkMRMLVolumeNode, axis: int, index: int) -> tuple[float, float, float]:
     """RAS position of the centre of slice ``index`` along array axis ``axis``."""
     dims = volume_node.GetImageData().GetDimensions()
     ijk = [(d - 1) / 2.0 for d in dims]

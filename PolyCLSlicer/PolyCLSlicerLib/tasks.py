@@ -81,10 +81,7 @@ class BackgroundTask:
         except BaseException as error:  # reported to the GUI thread, never swallowed
             self._events.put(
                 TaskEvent(
-                    "failed",
-                    message=str(error) or type(error).__name__,
-                    error=error,
-                    details=traceback.format_exc(),
+                    "failed", message=str(error) or type(error).__name__, error=error, details=traceback.format_exc()
                 )
             )
         else:

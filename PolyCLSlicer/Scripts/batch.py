@@ -63,6 +63,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--sam-checkpoint", default=None, help="segment-anything checkpoint (--refine sam)")
     parser.add_argument("--sam-model", default="vit_b", choices=("vit_b", "vit_l", "vit_h"))
     parser.add_argument("--sam2-checkpoint", default=None, help="SAM 2 checkpoint (--refine sam2)")
+    parser.add_argument("--sam2-config", default=None, help="sam2 config name of that checkpoint")
     parser.add_argument("--nifti", action="store_true", help="also write <name>_liver.nii.gz")
     parser.add_argument("--overwrite", action="store_true", help="replace existing outputs (default: skip them)")
     return parser.parse_args(argv)
@@ -94,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
     logic = PolyCLSlicerLogic()
     options = {"checkpoint": args.checkpoint, "device": args.device, "refiner": args.refine,
                "samCheckpoint": args.sam_checkpoint, "samModel": args.sam_model,
-               "sam2Checkpoint": args.sam2_checkpoint}
+               "sam2Checkpoint": args.sam2_checkpoint, "sam2Config": args.sam2_config}
     rows, failed, stems = [], 0, set()
     for number, path in enumerate(inputs, start=1):
         stem = volume_stem(path)
