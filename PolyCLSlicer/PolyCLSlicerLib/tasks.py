@@ -84,11 +84,8 @@ class BackgroundTask:
                     "failed", message=str(error) or type(error).__name__, error=error, details=traceback.format_exc()
                 )
             )
-        else:
-            if self.cancel.is_set():
-                self._events.put(TaskEvent("cancelled", message=f"{self.task.name} cancelled"))
-            else:
-                self._events.put(TaskEvent("done", 1.0, "done", result=result))
+        else:  # finished: reported as done even if cancel arrived after the last cancellation point
+            self._events.put(TaskEvent("done", 1.0, "done", result=result))
 
     def poll(self) -> list[TaskEvent]:
         """Events since the last poll (call from the main thread, e.g. from a QTimer)."""
