@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 import shutil
 import subprocess
 import sys
@@ -15,6 +16,16 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "PolyCLSlicer" / "Scripts" / "batch.py"
 sys.path.insert(0, str(ROOT / "PolyCLSlicer"))
 pytest.importorskip("slicer", reason="slicer-core is not installed")
+
+
+@pytest.fixture(scope="module")
+def single_torch_thread():
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +63,8 @@ def test_batch_processes_good_files_and_reports_bad_ones(batch_folder, batch_che
     out = tmp_path / "out"
     command = [sys.executable, str(SCRIPT), "--input", str(batch_folder), "--output", str(out),
                "--checkpoint", str(batch_checkpoint), "--device", "cpu", "--nifti"]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # small inputs; no spinning threads on a shared machine
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 1, done.stdout + done.stderr
     table = done.stdout
     assert "input" in table and "status" in table and "2 of 4 processed, 2 failed" in table
@@ -77,7 +89,8 @@ def test_batch_processes_good_files_and_reports_bad_ones(batch_folder, batch_che
         assert mask.array.shape == ct.array.shape
 
 
-def test_batch_skips_existing_outputs_and_succeeds_on_one_file(batch_folder, batch_checkpoint, tmp_path, capsys):
+def test_batch_skips_existing_outputs_and_succeeds_on_one_file(batch_folder, batch_checkpoint, tmp_path, capsys,
+                                                              single_torch_thread):
     spec = importlib.util.spec_from_file_location("polycl_slicer_batch", SCRIPT)
     batch_entry = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(batch_entry)

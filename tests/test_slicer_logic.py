@@ -49,6 +49,17 @@ def oblique(array: np.ndarray, matrix: np.ndarray) -> tuple[np.ndarray, np.ndarr
     return array, oblique_matrix(spacing=tuple(spacing), angles=(0.25, -0.15, 0.2))
 
 
+@pytest.fixture(scope="module", autouse=True)
+def single_torch_thread():
+    """Small volumes: one thread is fastest and avoids spinning OpenMP threads on a shared 2-core machine."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="session")
 def case_arrays(labeled_case):
     """case id -> (CT array, liver mask, IJK->RAS)."""
