@@ -390,9 +390,11 @@ class PolyCLSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         with slicer.util.tryWithErrorDisplay("Cannot open the Segment Editor.", waitCursor=True):
             if not p.outputSegmentation:
                 p.outputSegmentation = mrml.new_segmentation_node(p.inputVolume)
-            segmentId = self.ui.annotationSegmentSelector.currentSegmentID() or self.logic.annotationSegment(
-                p.outputSegmentation
-            )
+            segmentId = self.ui.annotationSegmentSelector.currentSegmentID()
+            segment = p.outputSegmentation.GetSegmentation().GetSegment(segmentId) if segmentId else None
+            if segment is None or "annotation" not in segment.GetName().lower():  # never paint into 'Liver'
+                segmentId = self.logic.annotationSegment(p.outputSegmentation)
+                self.ui.annotationSegmentSelector.setCurrentSegmentID(segmentId)
             position = self.logic.middleSlicePosition(p.inputVolume, p.outputSegmentation)
             slicer.util.selectModule("SegmentEditor")
             editor = slicer.modules.segmenteditor.widgetRepresentation().self().editor
@@ -768,13 +770,18 @@ class PolyCLSlicerLogic(ScriptedLoadableModuleLogic):
     def liverSegmentId(
         segmentationNode: vtkMRMLSegmentationNode, nonEmptyOn: vtkMRMLScalarVolumeNode | None = None
     ) -> str | None:
-        """First liver segment (by SNOMED CT code or name), optionally only a non-empty one."""
+        """The liver segment (SNOMED CT code or name): 'Liver' first, one-slice annotations never.
+
+        With ``nonEmptyOn``, only a segment that is non-empty on that volume's grid is returned.
+        """
         segmentation = segmentationNode.GetSegmentation()
+        candidates = []
         for index in range(segmentation.GetNumberOfSegments()):
             segment = segmentation.GetNthSegment(index)
-            if not mrml.is_liver_segment(segment):
-                continue
-            segmentId = segmentation.GetNthSegmentID(index)
+            name = segment.GetName().strip().lower()
+            if mrml.is_liver_segment(segment) and "annotation" not in name:
+                candidates.append((name != "liver", index, segmentation.GetNthSegmentID(index)))
+        for _, _, segmentId in sorted(candidates):
             if nonEmptyOn is None or mrml.segment_mask(segmentationNode, segmentId, nonEmptyOn).any():
                 return segmentId
         return None

@@ -251,9 +251,15 @@ def test_middle_slice_and_review_rows(case_arrays, scene, logic):
     ijk = np.linalg.inv(matrix) @ np.array([*rows[0]["ras"], 1.0])
     assert round(ijk[axis]) == 4  # clicking the row jumps to that slice
 
+    annotation_id = logic.annotationSegment(segmentation)
+    assert annotation_id != liver_id and mrml.segment_names(segmentation) == ["Liver", "Liver annotation"]
+    seed = np.zeros_like(reference)
+    seed[:, :, 15] = reference[:, :, 15]
+    mrml.write_segment_mask(segmentation, annotation_id, seed, matrix)
+    # a one-slice annotation is never mistaken for the liver: not for training, not for the middle slice
     assert logic.trainingPairs(scene) == [(volume, segmentation, liver_id)]
-    assert logic.annotationSegment(segmentation) != liver_id
     assert logic.trainingPairs(scene, volumeNode=volume)[0][2] == liver_id
+    np.testing.assert_allclose(logic.middleSlicePosition(volume, segmentation), position)
 
 
 def test_litemedsam_refinement_and_review_list(case_arrays, checkpoint, logic, scene):
