@@ -382,6 +382,7 @@ class PolyCLSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _onSegmented(self, report: "SegmentReport") -> None:
         self._parameterNode.outputSegmentation = report.segmentationNode
+        report.segmentationNode.CreateClosedSurfaceRepresentation()  # show it in 3D too
         self.ui.statusLabel.text = report.summary()
         self.showReview()
 
