@@ -3,10 +3,16 @@
 The GUI runs ``compute`` in a worker thread through :class:`BackgroundTask` and polls it from a
 timer on the main thread; ``apply`` only runs after a successful compute, so a cancelled or failed
 task leaves the scene exactly as it was.  Headless callers use :meth:`Task.run`.
+
+Python's cyclic garbage collector runs on whichever thread happens to allocate; collecting MRML/VTK
+objects on the worker thread crashes.  So garbage is collected on the main thread before the worker
+starts, automatic collection is paused while it runs, and resumed (with a collection) on the main
+thread when the task has ended.
 """
 
 from __future__ import annotations
 
+import gc
 import queue
 import threading
 import traceback
@@ -56,9 +62,28 @@ class BackgroundTask:
         self._events: queue.Queue[TaskEvent] = queue.Queue()
         self._thread = threading.Thread(target=self._work, name=f"PolyCL {task.name}", daemon=True)
 
+    _paused = 0  # running background tasks that paused the garbage collector
+    _gc_was_enabled = True
+
     def start(self) -> BackgroundTask:
+        """Start the worker (call from the main thread)."""
+        gc.collect()
+        if BackgroundTask._paused == 0:
+            BackgroundTask._gc_was_enabled = gc.isenabled()
+            gc.disable()
+        BackgroundTask._paused += 1
+        self._resumed = False
         self._thread.start()
         return self
+
+    def _resume_gc(self) -> None:
+        if self._resumed:
+            return
+        self._resumed = True
+        BackgroundTask._paused -= 1
+        if BackgroundTask._paused == 0 and BackgroundTask._gc_was_enabled:
+            gc.enable()
+            gc.collect()
 
     def request_cancel(self) -> None:
         """Ask the computation to stop at its next cancellation point."""
@@ -94,7 +119,11 @@ class BackgroundTask:
             try:
                 events.append(self._events.get_nowait())
             except queue.Empty:
-                return events
+                break
+        if any(event.kind != "progress" for event in events):
+            self._thread.join()
+            self._resume_gc()
+        return events
 
     def wait(self, timeout: float | None = None) -> list[TaskEvent]:
         """Block until the worker ends (tests and scripts); returns all pending events."""

@@ -1,0 +1,302 @@
+"""The Widget's flow with stand-ins for the app-only pieces (qt, ScriptedLoadableModule, parameterNodeWrapper).
+
+The real MRML scene, nodes and Logic are used; only Qt widgets, dialogs and the parameter-node binding
+are replaced by small fakes built from the real .ui (every widget name in it exists as a fake).  This
+checks what the app would do on button presses: Apply turns into Cancel and back, results are applied
+on the main thread, cancel leaves the scene unchanged, the review list jumps the views, finetuning
+selects the new checkpoint.  Rendering and real Qt signal wiring are not covered (see docs/slicer.md).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import sys
+import time
+import types
+import unittest
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+MODULE_DIR = ROOT / "PolyCLSlicer"
+sys.path.insert(0, str(MODULE_DIR))
+slicer = pytest.importorskip("slicer", reason="slicer-core is not installed")
+
+
+class FakeWidget:
+    """Any Qt widget: plain attributes plus the few methods the Widget calls."""
+
+    def __init__(self, name: str, text: str = "") -> None:
+        self.name, self.text, self.enabled, self.visible, self.value = name, text, True, True, 0
+        self.slots: dict[str, object] = {}
+        self.node, self.segmentId, self.rows, self.items = None, "", 0, {}
+
+    def connect(self, signal: str, slot: object) -> None:
+        self.slots[signal] = slot
+
+    def setMRMLScene(self, scene: object) -> None:
+        pass
+
+    def setCurrentNode(self, node: object) -> None:
+        if node is not self.node:
+            self.node, self.segmentId = node, ""
+
+    def currentSegmentID(self) -> str:
+        return self.segmentId
+
+    def setCurrentSegmentID(self, segment_id: str) -> None:
+        self.segmentId = segment_id
+
+    def setRowCount(self, rows: int) -> None:
+        self.rows = rows
+
+    def setItem(self, row: int, column: int, item: object) -> None:
+        self.items[(row, column)] = item
+
+
+class FakeTimer:
+    def __init__(self) -> None:
+        self.active = False
+
+    def setInterval(self, msec: int) -> None:
+        pass
+
+    def connect(self, signal: str, slot: object) -> None:
+        self.slot = slot
+
+    def start(self) -> None:
+        self.active = True
+
+    def stop(self) -> None:
+        self.active = False
+
+
+class Dialogs:
+    """Records dialogs; answers confirmations with ``answer``."""
+
+    def __init__(self) -> None:
+        self.answer, self.shown, self.errors, self.jumps = False, [], [], []
+
+    def confirm(self, text: str, *args: object, **kwargs: object) -> bool:
+        self.shown.append(text)
+        return self.answer
+
+    def error(self, text: str, *args: object, **kwargs: object) -> None:
+        self.errors.append(text)
+
+    @contextlib.contextmanager
+    def try_with_error_display(self, message: str = "", show: bool = True, waitCursor: bool = False):
+        try:
+            yield
+        except Exception as error:  # what slicer.util.tryWithErrorDisplay does: show, do not raise
+            self.errors.append(f"{message} {error}")
+
+
+@pytest.fixture()
+def app(monkeypatch, tmp_path):
+    """Install the app-only stand-ins and import PolyCLSlicer as inside Slicer."""
+    from PolyCLSlicerLib import mrml
+
+    dialogs = Dialogs()
+    scene = mrml.new_scene()
+    ui_names = {w.get("name"): w for w in ET.parse(MODULE_DIR / "Resources/UI/PolyCLSlicer.ui").iter("widget")}
+
+    def text_of(widget: ET.Element) -> str:
+        prop = next((p for p in widget.findall("property") if p.get("name") == "text"), None)
+        return prop.findtext("string") or "" if prop is not None else ""
+
+    qt = types.ModuleType("qt")
+    qt.QTimer = FakeTimer
+    qt.QTableWidgetItem = lambda text: text
+    slm = types.ModuleType("slicer.ScriptedLoadableModule")
+
+    class Base:
+        def __init__(self, parent=None):
+            self.parent = parent
+
+        def setup(self):
+            self.layout = types.SimpleNamespace(addWidget=lambda widget: None)
+
+        def resourcePath(self, relative):
+            return str(MODULE_DIR / "Resources" / relative)
+
+    class Logic:
+        def __init__(self):
+            pass
+
+        def getParameterNode(self):
+            node = scene.GetFirstNodeByName("PolyCLSlicer")
+            return node or scene.AddNewNodeByClass("vtkMRMLScriptedModuleNode", "PolyCLSlicer")
+
+    slm.ScriptedLoadableModule, slm.ScriptedLoadableModuleWidget = Base, Base
+    slm.ScriptedLoadableModuleLogic, slm.ScriptedLoadableModuleTest = Logic, unittest.TestCase
+    pnw = types.ModuleType("slicer.parameterNodeWrapper")
+
+    def parameterNodeWrapper(cls):
+        import typing
+
+        defaults = {name: getattr(cls, name, None) for name in typing.get_type_hints(cls)}
+
+        class Wrapped:
+            def __init__(self, node):
+                self.__dict__.update(defaults)
+                self.node, self.connected = node, []
+
+            def AddObserver(self, *args):  # the real wrapper forwards observers to its MRML node
+                return self.node.AddObserver(*args)
+
+            def RemoveObserver(self, *args):
+                return self.node.RemoveObserver(*args)
+
+            def connectGui(self, ui):
+                self.connected.append(ui)
+                return len(self.connected)
+
+            def disconnectGui(self, tag):
+                pass
+
+        Wrapped.__annotations__ = cls.__annotations__
+        return Wrapped
+
+    pnw.parameterNodeWrapper, pnw.WithinRange = parameterNodeWrapper, lambda lo, hi: (lo, hi)
+    for name, value in {"qt": qt, "ctk": types.ModuleType("ctk"), "slicer.ScriptedLoadableModule": slm,
+                        "slicer.parameterNodeWrapper": pnw}.items():
+        monkeypatch.setitem(sys.modules, name, value)
+    markups = types.SimpleNamespace(JumpSlicesToLocation=lambda *a: dialogs.jumps.append(a))
+    monkeypatch.setattr(slicer, "app", types.SimpleNamespace(connect=lambda *a: None), raising=False)
+    monkeypatch.setattr(slicer, "mrmlScene", scene, raising=False)
+    monkeypatch.setattr(slicer, "modules", types.SimpleNamespace(
+        markups=types.SimpleNamespace(logic=lambda: markups)), raising=False)
+    monkeypatch.setattr(slicer.util, "loadUI", lambda path: types.SimpleNamespace(setMRMLScene=lambda s: None))
+    monkeypatch.setattr(slicer.util, "childWidgetVariables", lambda root: types.SimpleNamespace(
+        **{n: FakeWidget(n, text_of(w)) for n, w in ui_names.items()}))
+    monkeypatch.setattr(slicer.util, "confirmYesNoDisplay", dialogs.confirm, raising=False)
+    monkeypatch.setattr(slicer.util, "confirmOkCancelDisplay", dialogs.confirm, raising=False)
+    monkeypatch.setattr(slicer.util, "errorDisplay", dialogs.error, raising=False)
+    monkeypatch.setattr(slicer.util, "tryWithErrorDisplay", dialogs.try_with_error_display, raising=False)
+    monkeypatch.setenv("POLYCL_CHECKPOINT_DIR", str(tmp_path / "checkpoints"))
+    spec = importlib.util.spec_from_file_location("PolyCLSlicerInApp", MODULE_DIR / "PolyCLSlicer.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.HAS_APP
+    monkeypatch.setattr(module.dependencies, "missing", lambda *a, **k: [])
+    return types.SimpleNamespace(module=module, scene=scene, dialogs=dialogs)
+
+
+def run_job(widget, timeout: float = 120.0) -> None:
+    """What the QTimer does: poll until the job has ended."""
+    deadline = time.monotonic() + timeout
+    while widget._job is not None:
+        assert time.monotonic() < deadline, "job did not finish"
+        widget._pollJob()
+        time.sleep(0.02)
+
+
+@pytest.fixture()
+def widget(app, labeled_case, tmp_path):
+    import torch
+    from PolyCLSlicerLib import mrml
+    from test_slicer_logic import crop, tiny_checkpoint
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    ct, liver = labeled_case("totalseg_sm")
+    array, matrix = crop(ct.array, ct.ijk_to_ras, 10, 18)
+    volume = mrml.add_volume_node(app.scene, array, matrix, "ct")
+    widget = app.module.PolyCLSlicerWidget(types.SimpleNamespace(isEntered=True))
+    assert not hasattr(widget, "ui") and widget._parameterNode is None  # nothing before setup
+    widget.setup()
+    p = widget._parameterNode
+    assert p is not None and p.connected == [widget.ui] and p.inputVolume is volume
+    p.useStarterModel, p.checkpointPath = False, tiny_checkpoint(tmp_path / "tiny.safetensors")
+    p.device = app.module.Device.CPU
+    widget._onParameterNodeModified()
+    yield types.SimpleNamespace(widget=widget, p=p, volume=volume, liver=liver.array[:, :, 10:18], matrix=matrix)
+    widget.cleanup()  # what the app does when the module is destroyed: observers go away
+    torch.set_num_threads(previous)
+
+
+def node_ids(scene) -> list[str]:
+    return [scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes())]
+
+
+def test_apply_turns_into_cancel_and_results_are_applied(app, widget):
+    w, ui = widget.widget, widget.widget.ui
+    assert "safetensors" not in ui.modelCardLabel.text and "polycl_unet" in ui.modelCardLabel.text
+    w.onApplyButton()
+    assert ui.applyButton.text == "Cancel" and ui.applyButton.enabled
+    assert not ui.propagateButton.enabled and not ui.finetuneButton.enabled and ui.progressBar.visible
+    assert w._timer.active
+    run_job(w)
+    assert ui.applyButton.text == "Apply" and ui.finetuneButton.enabled and not ui.progressBar.visible
+    segmentation = widget.p.outputSegmentation
+    assert segmentation is not None and "'Liver'" in ui.statusLabel.text
+    assert [s for s in app.module.mrml.segment_names(segmentation)] == ["Liver"]
+    assert not app.dialogs.errors
+
+    before, names = node_ids(app.scene), app.module.mrml.segment_names(segmentation)
+    app.dialogs.answer = False  # 'Liver' exists: keep it, add a new one ...
+    w.onApplyButton()
+    assert "already has a 'Liver' segment" in app.dialogs.shown[-1]
+    w.onApplyButton()  # ... then press Cancel right away
+    run_job(w)
+    if "Cancelled" in ui.statusLabel.text:
+        assert node_ids(app.scene) == before and app.module.mrml.segment_names(segmentation) == names
+    else:  # the tiny model can finish before the cancel is seen: then the result was kept, as a new segment
+        assert app.module.mrml.segment_names(segmentation) == ["Liver", "Liver (2)"]
+    assert ui.applyButton.text == "Apply"
+
+
+def test_review_rows_jump_the_views(app, widget):
+    w, mrml = widget.widget, app.module.mrml
+    segmentation = mrml.new_segmentation_node(widget.volume)
+    segment_id = segmentation.GetSegmentation().AddEmptySegment("", "Liver")
+    mrml.write_segment_mask(segmentation, segment_id, widget.liver, widget.matrix)
+    mrml.store_review(segmentation, segment_id, 2, [{"slice": 3, "dice": 0.41}, {"slice": 5, "dice": 0.8}])
+    widget.p.outputSegmentation = segmentation
+    w.showReview()
+    assert w.ui.reviewTableWidget.rows == 2 and w.ui.reviewTableWidget.items[(0, 1)] == "0.410"
+    w.onReviewRowClicked(1, 0)
+    (jump,) = app.dialogs.jumps
+    np.testing.assert_allclose(jump[:3], mrml.slice_center_ras(widget.volume, 2, 5))
+
+
+def test_finetune_start_stop_and_new_checkpoint_is_selected(app, widget):
+    w, ui, p, mrml = widget.widget, widget.widget.ui, widget.p, app.module.mrml
+    segmentation = mrml.new_segmentation_node(widget.volume)
+    segment_id = segmentation.GetSegmentation().AddEmptySegment("", "Liver")
+    mrml.write_segment_mask(segmentation, segment_id, widget.liver, widget.matrix)
+    initial = Path(p.checkpointPath)
+    p.epochs, p.learningRate = 1, 1e-3
+    w.onFinetuneButton()
+    assert ui.finetuneButton.text == "Stop" and not ui.applyButton.enabled
+    run_job(w, timeout=300)
+    assert not app.dialogs.errors, app.dialogs.errors
+    assert ui.finetuneButton.text == "Start" and ui.applyButton.enabled
+    new = Path(p.checkpointPath)
+    assert new != initial and new.exists() and initial.exists() and not p.useStarterModel
+    assert new.parent == Path(app.module.PolyCLSlicerLogic.checkpointDirectory())
+    assert "Saved and selected" in ui.finetuneStatusLabel.text
+
+
+def test_open_segment_editor_paints_into_an_annotation_segment(app, widget, monkeypatch):
+    w, p, mrml = widget.widget, widget.p, app.module.mrml
+    calls = []
+    editor = types.SimpleNamespace(**{name: (lambda *a, n=name: calls.append((n, a))) for name in (
+        "setSegmentationNode", "setSourceVolumeNode", "setCurrentSegmentID", "setActiveEffectByName")})
+    representation = types.SimpleNamespace(self=lambda: types.SimpleNamespace(editor=editor))
+    slicer.modules.segmenteditor = types.SimpleNamespace(widgetRepresentation=lambda: representation)
+    monkeypatch.setattr(slicer.util, "selectModule", lambda name: calls.append(("selectModule", (name,))),
+                        raising=False)
+    w.onOpenSegmentEditor()
+    assert not app.dialogs.errors, app.dialogs.errors
+    segmentation = p.outputSegmentation
+    assert mrml.segment_names(segmentation) == ["Liver annotation"]
+    annotation_id = segmentation.GetSegmentation().GetNthSegmentID(0)
+    assert ("setCurrentSegmentID", (annotation_id,)) in calls and ("setActiveEffectByName", ("Paint",)) in calls
+    assert w.ui.annotationSegmentSelector.currentSegmentID() == annotation_id
+    assert len(app.dialogs.jumps) == 1  # the views moved to the middle slice
