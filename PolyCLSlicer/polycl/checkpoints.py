@@ -60,6 +60,9 @@ def atomic_write(path: Path, write: callable) -> Path:
     os.close(handle)
     try:
         write(Path(temp_name))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(temp_name, 0o666 & ~umask)  # mkstemp creates 0600; give the file normal permissions
         os.replace(temp_name, path)
     finally:
         if os.path.exists(temp_name):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import shlex
 import sys
 import warnings
 from collections.abc import Callable
@@ -143,7 +144,8 @@ def command_finetune(args: argparse.Namespace) -> int:
         bar.set_postfix(loss=f"{report.loss:.4f}", **{k: f"{v:.4f}" for k, v in report.metrics.items()})
 
     try:
-        result = finetune(pairs, output, config, init=args.init, progress=progress, overwrite=args.overwrite)
+        result = finetune(pairs, output, config, init=args.init, progress=progress, overwrite=args.overwrite,
+                          recipe_notes={"command": "polycl " + shlex.join(args.argv)})
     finally:
         bar.close()
     print(f"wrote {result.path} (best epoch {result.best_epoch}; {json.dumps(result.card['metrics'])})")
@@ -274,7 +276,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
+    args.argv = argv
     warnings.formatwarning = lambda message, category, *rest: f"polycl: warning: {message}\n"
     try:
         return int(args.handler(args) or 0)

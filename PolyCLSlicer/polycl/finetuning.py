@@ -162,7 +162,8 @@ def _subset(data: SliceSet, scans: list[int], device: torch.device) -> SliceSet:
 def finetune(pairs: list[tuple[Volume, Volume]], output: str | os.PathLike, config: FinetuneConfig | None = None,
              init: str | os.PathLike | None = None, progress: EpochCallback | None = None,
              cancel: CancelFlag | None = None, on_batch: BatchCallback | None = None,
-             overwrite: bool = False, data_description: dict | None = None) -> FinetuneResult:
+             overwrite: bool = False, data_description: dict | None = None,
+             recipe_notes: dict | None = None) -> FinetuneResult:
     """Train a segmentation network on (CT, mask) pairs and save the best epoch to ``output``."""
     config = config or FinetuneConfig()
     output = Path(output)
@@ -210,7 +211,7 @@ def finetune(pairs: list[tuple[Volume, Volume]], output: str | os.PathLike, conf
         recipe={**asdict(config), "loss": "soft Dice", "optimizer": "Adam",
                 "scheduler": f"CosineAnnealingWarmRestarts(T_0={config.restart_epochs} epochs, per batch)",
                 "init": str(init) if init else "random",
-                "init_method": (init_card or {}).get("recipe", {}).get("method")},
+                "init_method": (init_card or {}).get("recipe", {}).get("method"), **(recipe_notes or {})},
         data={"scans": [ct.source or f"scan {i}" for i, (ct, _) in enumerate(pairs)],
               "train_scans": train_scans, "val_scans": val_scans, "slices": int(len(data.images)),
               **(data_description or {})},
