@@ -531,12 +531,13 @@ class SegmentReport:
     slices: list[int] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     review: list[dict] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
         text = f"'{self.segmentName}': {self.volumeMl:.1f} ml on {len(self.slices)} slices ({self.seconds:.1f} s)"
         if self.review:
             text += f"; {len(self.review)} slices to review"
-        return text + "".join(f"\nWarning: {w}" for w in self.warnings)
+        return text + "".join(f"\n{n}" for n in self.notes) + "".join(f"\nWarning: {w}" for w in self.warnings)
 
 
 class PolyCLSlicerLogic(ScriptedLoadableModuleLogic):
@@ -717,40 +718,39 @@ class PolyCLSlicerLogic(ScriptedLoadableModuleLogic):
         device: str = "auto",
         outputSegmentName: str | None = None,
         overwrite: bool = False,
+        useLiverAsGuide: bool = True,
     ) -> Task:
-        """Propagate the segment painted on one axial slice through the volume (new segment by default)."""
+        """Propagate the segment painted on one axial slice through the volume (new segment by default).
+
+        With ``useLiverAsGuide``, a non-empty 'Liver' segment (e.g. the PolyCL result) adds a stop rule.
+        """
         if volumeNode is None or segmentationNode is None:
             raise ValueError("select the input volume and the segmentation that holds the annotation")
         annotation = mrml.segment_mask(segmentationNode, segmentId, volumeNode)
-        matrix = mrml.ijk_to_ras(volumeNode)
-        array = mrml.volume_array(volumeNode)
+        if not annotation.any():
+            raise ValueError("the annotation segment is empty; paint the liver on one axial slice first")
+        matrix, array = mrml.ijk_to_ras(volumeNode), mrml.volume_array(volumeNode)
+        guideId = self.liverSegmentId(segmentationNode) if useLiverAsGuide else None
+        guide = mrml.segment_mask(segmentationNode, guideId, volumeNode) if guideId else None
         sourceName = segmentationNode.GetSegmentation().GetSegment(segmentId).GetName()
         started = time.perf_counter()
 
-        def compute(progress: Any, cancel: Any) -> np.ndarray:
-            return core.propagate(
-                array,
-                matrix,
-                annotation,
-                engine,
-                sam2Checkpoint,
-                sam2Config,
-                direction,
-                bounds,
-                device,
-                progress,
-                cancel,
-            )
+        def compute(progress: Any, cancel: Any) -> core.PropagateOutput:
+            return core.propagate(self.models, array, matrix, annotation, engine, sam2Checkpoint, sam2Config,
+                                  direction, bounds, guide, device, progress, cancel)
 
-        def apply(mask: np.ndarray) -> SegmentReport:
+        def apply(output: core.PropagateOutput) -> SegmentReport:
             if overwrite:
                 targetId = segmentId
             else:
                 name = mrml.unique_segment_name(segmentationNode, outputSegmentName or f"{sourceName} propagated")
                 targetId = segmentationNode.GetSegmentation().AddEmptySegment("", name)
                 mrml.set_liver_terminology(segmentationNode.GetSegmentation().GetSegment(targetId))
-            mrml.write_segment_mask(segmentationNode, targetId, mask, matrix)
-            return self._report(segmentationNode, targetId, mask, matrix, mrml.axial_axis(matrix), started, [], [])
+            mrml.write_segment_mask(segmentationNode, targetId, output.mask, matrix)
+            report = self._report(segmentationNode, targetId, output.mask, matrix, mrml.axial_axis(matrix), started,
+                                  [], [])
+            report.notes = [f"engine: {output.engine}", *output.stops]
+            return report
 
         return Task("propagation", compute, apply)
 

@@ -166,9 +166,11 @@ def test_segment_matches_core_engine_exactly(case, case_arrays, checkpoint, logi
     expected = Segmenter.from_checkpoint(path, "cpu").segment(array, matrix).mask
     np.testing.assert_array_equal(exported > 0, expected > 0)
     assert report.voxelCount == int(np.count_nonzero(expected))
-    if real:
+    if real:  # the starter model's own Dice on this case (its model card), reached through Slicer too
         name = case.split(":")[0]
-        assert dice(exported, reference) >= STARTER_MIN_DICE[name], f"{case}: Dice below the starter model's"
+        card_dice = core.read_card_header(path).get("metrics", {}).get("training_set_dice_3d", {})
+        floor = card_dice[name] - 0.005 if name in card_dice else STARTER_MIN_DICE[name]
+        assert dice(exported, reference) >= floor, f"{case}: Dice below the starter model's {floor:.3f}"
 
 
 def test_flipped_and_oblique_copies_give_the_same_liver(case_arrays, checkpoint, logic, scene):

@@ -78,9 +78,15 @@ def describe_card(card: dict) -> str:
     window = card.get("window") or {}
     if window:
         lines.append(f"window: center {window.get('center')} HU, width {window.get('width')} HU")
-    metrics = {k: v for k, v in (card.get("metrics") or {}).items() if isinstance(v, int | float)}
-    if metrics:
-        lines.append("metrics: " + ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items())))
+    for key, value in sorted((card.get("metrics") or {}).items()):
+        if isinstance(value, int | float):
+            lines.append(f"{key}: {value:.4g}")
+        elif isinstance(value, dict) and value:
+            lines.append(f"{key}: " + ", ".join(f"{k} {v:.3g}" if isinstance(v, int | float) else f"{k} {v}"
+                                                for k, v in sorted(value.items())))
+    data = card.get("data") or {}
+    if data.get("scans"):
+        lines.append(f"trained on {len(data['scans'])} scans, {data.get('slices', '?')} slices")
     recipe = card.get("recipe") or {}
     if recipe.get("init") or recipe.get("method"):
         lines.append(f"recipe: {recipe.get('method') or ''} init={recipe.get('init', '')}".strip())
@@ -142,6 +148,18 @@ class ModelCache:
                 device=device,
             ),
         )
+
+    def tracker(self, engine: str, checkpoint: str | None = None, config: str | None = None,
+                device: str = "auto") -> Any:
+        """Propagation engine; the LiteMedSAM chain shares the refiner (and its embedding cache)."""
+        from polycl import sam2_propagation
+
+        if engine == "sam2":
+            if not checkpoint:
+                raise ValueError("SAM 2 propagation needs a SAM 2 checkpoint file (Model section)")
+            key = ("sam2", checkpoint, config, device)
+            return self._get("tracker", key, lambda: sam2_propagation.build_sam2_tracker(checkpoint, config, device))
+        return sam2_propagation.ChainTracker(self.refiner("litemedsam", device=device))
 
     def clear(self) -> None:
         with self._lock:
@@ -221,20 +239,21 @@ def disagreement_rows(result: Any) -> list[dict]:
     return sorted(rows, key=lambda row: (row["dice"] is None, row["dice"] if row["dice"] is not None else 0.0))
 
 
-def propagate(
-    array: np.ndarray,
-    matrix: np.ndarray,
-    annotation: np.ndarray,
-    engine: str = "auto",
-    sam2_checkpoint: str | os.PathLike | None = None,
-    sam2_config: str | None = None,
-    direction: str = "both",
-    bounds: tuple[int, int] | None = None,
-    device: str = "auto",
-    progress: ProgressFn | None = None,
-    cancel: threading.Event | None = None,
-) -> np.ndarray:
-    """One annotated slice -> volume (SAM 2 when a checkpoint is configured, else the bundled fallback)."""
+@dataclass
+class PropagateOutput:
+    """Propagated mask on the input grid and why each direction stopped."""
+
+    mask: np.ndarray
+    stops: list[str]
+    engine: str
+
+
+def propagate(models: ModelCache, array: np.ndarray, matrix: np.ndarray, annotation: np.ndarray,
+              engine: str = "auto", sam2_checkpoint: str | os.PathLike | None = None, sam2_config: str | None = None,
+              direction: str = "both", bounds: tuple[int, int] | None = None, guide: np.ndarray | None = None,
+              device: str = "auto", progress: ProgressFn | None = None,
+              cancel: threading.Event | None = None) -> PropagateOutput:
+    """One annotated slice -> volume: SAM 2 when a checkpoint is configured, else LiteMedSAM box chaining."""
     from polycl import sam2_propagation
 
     if engine not in PROPAGATION_ENGINES:
@@ -245,22 +264,14 @@ def propagate(
         engine = "sam2" if sam2_checkpoint else "litemedsam"
     if not np.any(annotation):
         raise ValueError("the annotation segment is empty; paint the liver on one axial slice first")
-    kwargs: dict[str, Any] = {
-        "engine": engine,
-        "direction": direction,
-        "bounds": bounds,
-        "device": device,
-        "progress": progress,
-        "cancel": cancel,
-    }
-    if engine == "sam2":
-        if not sam2_checkpoint:
-            raise ValueError("SAM 2 propagation needs a SAM 2 checkpoint file (Model section)")
-        kwargs["checkpoint"] = str(sam2_checkpoint)
-        if sam2_config:
-            kwargs["config"] = sam2_config
-    result = sam2_propagation.propagate_from_annotation(array, matrix, annotation, **kwargs)
-    return np.asarray(getattr(result, "mask", result), np.uint8)
+    progress = progress or (lambda f, m: None)
+    progress(0.0, f"loading {engine}")
+    tracker = models.tracker(engine, None if sam2_checkpoint is None else str(sam2_checkpoint), sam2_config, device)
+    result = sam2_propagation.propagate_from_annotation(
+        array, matrix, annotation, engine=engine, direction=direction, bounds=bounds,
+        guide_mask=guide if guide is not None and np.any(guide) else None, device=device, tracker=tracker,
+        progress=progress, cancel=cancel)
+    return PropagateOutput(np.asarray(result.mask, np.uint8), list(result.stops), str(result.engine))
 
 
 def finetune(
