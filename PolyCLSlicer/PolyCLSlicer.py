@@ -79,7 +79,7 @@ SAMPLE_DATA_URL = f"{PROJECT_URL}/releases/download/sample-data-v1"
 SAMPLE_CT = ("PolyCLLiverCT.nii.gz", "SHA256:68dd27de0963491c187781a6042cfdad1ee01788f888cdcb9fc1ce4ce5c6e381")
 SAMPLE_LIVER = ("PolyCLLiverCT_liver.nii.gz", "SHA256:0700c3e4ab7acf8a979ebfeb1b4858737aa8995538e4ce31b8e9b16d71697c9f")
 SAMPLE_LOCAL = {SAMPLE_CT[0]: "labeled/totalseg_sm_ct.nii.gz", SAMPLE_LIVER[0]: "labeled/totalseg_sm_liver.nii.gz"}
-SELFTEST_MIN_DICE = {"segment": 0.80, "propagate": 0.75}
+SELFTEST_MIN_DICE = {"segment": 0.93, "propagate": 0.90}  # measured 0.957 and 0.946 (CPU)
 
 
 #
