@@ -196,3 +196,28 @@ def test_cmake_lists_every_module_file():
                 "EXTENSION_ICONURL", "EXTENSION_SCREENSHOTURLS", "EXTENSION_DEPENDS", "add_subdirectory(PolyCLSlicer)"):
         assert key in top, f"{key} missing from the extension CMakeLists.txt"
     assert 'set(EXTENSION_CATEGORY "Segmentation")' in top
+
+
+def test_sample_data_registration_matches_the_local_files(monkeypatch):
+    import hashlib
+    import types
+
+    import PolyCLSlicer
+    from conftest import shared_data_dir
+
+    calls = []
+    fake = types.ModuleType("SampleData")
+    fake.SampleDataLogic = types.SimpleNamespace(registerCustomSampleDataSource=lambda **kw: calls.append(kw))
+    monkeypatch.setitem(sys.modules, "SampleData", fake)
+    PolyCLSlicer.registerSampleData()
+    (kwargs,) = calls
+    assert kwargs["category"] == "PolyCL" and kwargs["sampleName"] == "PolyCLLiverCT"
+    assert len(kwargs["uris"]) == len(kwargs["fileNames"]) == len(kwargs["checksums"]) == len(kwargs["nodeNames"])
+    assert kwargs["loadFileType"] == ["VolumeFile", "SegmentationFile"]
+    assert Path(kwargs["thumbnailFileName"]).is_file()
+    data = shared_data_dir()
+    if data is None:
+        pytest.skip("shared data not found: checksums not compared")
+    for name, checksum in zip(kwargs["fileNames"], kwargs["checksums"], strict=True):
+        local = data / PolyCLSlicer.SAMPLE_LOCAL[name]
+        assert checksum == "SHA256:" + hashlib.sha256(local.read_bytes()).hexdigest(), name
