@@ -613,8 +613,7 @@ class PolyCLSlicerLogic(ScriptedLoadableModuleLogic):
                 {**row, "ras": mrml.slice_center_ras(volumeNode, output.axis, row["slice"])}
                 for row in output.disagreements
             ]
-            if output.disagreements:
-                mrml.store_review(node, segmentId, output.axis, output.disagreements)
+            mrml.store_review(node, segmentId, output.axis, output.disagreements)  # replaces an older list
             return self._report(node, segmentId, output.mask, matrix, output.axis, started, output.warnings, review)
 
         return Task("segmentation", compute, apply)
