@@ -1,0 +1,150 @@
+"""CLI pieces for SAM refinement and one-slice propagation, hooked into ``polycl.cli``.
+
+* :func:`add_refine_arguments` adds ``--refine none|litemedsam|sam|sam2`` and its options to
+  ``polycl segment``; :func:`refine_from_args` applies them to the coarse mask.
+* :func:`add_propagate_command` (alias :func:`add_cli_commands`) registers ``polycl propagate``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from .io import Volume
+
+
+def add_refine_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``polycl segment`` that refine the PolyCL mask with SAM box prompts."""
+    group = parser.add_argument_group("SAM refinement")
+    group.add_argument("--refine", default="none", choices=["none", "litemedsam", "sam", "sam2"],
+                       help="refine each slice with box prompts: litemedsam (bundled weights, CPU-friendly), "
+                            "sam (needs --sam-checkpoint) or sam2 (needs --sam2-checkpoint); default none")
+    group.add_argument("--sam-checkpoint", help="segment-anything checkpoint (e.g. sam_vit_b_01ec64.pth)")
+    group.add_argument("--sam-model", choices=["vit_b", "vit_l", "vit_h"],
+                       help="SAM architecture (default: from the official file's SHA-256 or its name)")
+    group.add_argument("--sam2-checkpoint", help="SAM 2 checkpoint (e.g. sam2.1_hiera_tiny.pt)")
+    group.add_argument("--sam2-config", help="SAM 2 config name, e.g. configs/sam2.1/sam2.1_hiera_t.yaml "
+                                             "(default: from the checkpoint's file name)")
+    group.add_argument("--refine-margin", type=int, default=2, help="box margin in pixels (default 2)")
+    group.add_argument("--refine-min-iou", type=float, default=0.5,
+                       help="keep the coarse mask where SAM's predicted IoU is below this (default 0.5; 0 = never)")
+    group.add_argument("--refine-precision", default="auto", choices=["auto", "fp32", "bf16"],
+                       help="encoder precision (auto: bf16 where the CPU/GPU runs it natively)")
+
+
+def _progress(description: str):
+    try:
+        from .cli import _tqdm_progress
+    except ImportError:  # pragma: no cover - cli is optional for this module
+        return (lambda fraction, message: None), (lambda: None)
+    return _tqdm_progress(description)
+
+
+def refine_from_args(args: argparse.Namespace, volume: Volume, mask: np.ndarray) -> np.ndarray:
+    """Apply ``--refine ...`` to a coarse mask; prints the slices to check; returns the refined mask."""
+    from .sam_refine import build_refiner, refine_volume
+
+    name = getattr(args, "refine", "none")
+    if name in (None, "none"):
+        return mask
+    checkpoint = args.sam2_checkpoint if name == "sam2" else getattr(args, "sam_checkpoint", None)
+    if name == "sam2" and checkpoint is None and getattr(args, "sam_checkpoint", None):
+        checkpoint = args.sam_checkpoint
+    refiner = build_refiner(name, checkpoint=checkpoint, model_type=getattr(args, "sam_model", None),
+                            config=getattr(args, "sam2_config", None), device=getattr(args, "device", "auto"),
+                            precision=getattr(args, "refine_precision", "auto"))
+    progress, close = _progress(f"refine ({refiner.name})")
+    try:
+        min_iou = getattr(args, "refine_min_iou", 0.5)
+        result = refine_volume(volume.array, volume.ijk_to_ras, mask, refiner,
+                               margin=getattr(args, "refine_margin", 2), min_iou=min_iou or None,
+                               progress=progress)
+    finally:
+        close()
+    refined = [s for s in result.slices if s.boxes]
+    fallbacks = sum(s.fallbacks for s in result.slices)
+    print(f"polycl: refined {len(refined)} slices with {refiner.name} in {result.seconds:.1f} s"
+          f" ({fallbacks} boxes kept the coarse mask: low predicted IoU)", file=sys.stderr)
+    worst = result.worst(5)
+    if worst:
+        listed = ", ".join(f"{s.index} (Dice {s.dice:.2f})" for s in worst)
+        print(f"polycl: check these slices (axis {worst[0].axis}), coarse vs refined disagree most: {listed}",
+              file=sys.stderr)
+    return result.mask
+
+
+def command_propagate(args: argparse.Namespace) -> int:
+    """``polycl propagate``: one annotated slice -> volume mask."""
+    from .cli import CliError, _check_output
+    from .io import read_mask, read_volume, write_mask
+    from .sam2_propagation import StopRules, propagate_from_annotation
+
+    output = Path(args.output)
+    _check_output(output, args.overwrite)
+    volume = read_volume(args.input)
+    annotation = read_mask(args.annotation, volume)
+    guide = read_mask(args.guide, volume).array if args.guide else None
+    if args.bounds is not None and len(args.bounds) != 2:
+        raise CliError("--bounds takes two slice indices: FIRST LAST")
+    progress, close = _progress(f"propagate ({args.engine})")
+    try:
+        result = propagate_from_annotation(
+            volume.array, volume.ijk_to_ras, annotation.array, engine=args.engine,
+            checkpoint=args.sam2_checkpoint, config=args.sam2_config, direction=args.direction,
+            bounds=tuple(args.bounds) if args.bounds else None, seed_slice=args.slice,
+            stop=StopRules(patience=args.patience), guide_mask=guide, margin=args.margin,
+            device=args.device, precision=args.precision, progress=progress)
+    finally:
+        close()
+    write_mask(output, result.mask, volume.ijk_to_ras)
+    print(f"polycl: propagated with {result.engine} from slice(s) {result.seed_indices} in {result.seconds:.1f} s; "
+          f"{result.slices_with_mask} slices with liver", file=sys.stderr)
+    for line in result.stops:
+        print(f"polycl: {line}", file=sys.stderr)
+    if args.reference:
+        from .metrics import dice
+
+        reference = read_mask(args.reference, volume)
+        print(f"Dice {dice(result.mask, reference.array):.4f}")
+    print(output)
+    return 0
+
+
+def add_propagate_command(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Register ``polycl propagate``."""
+    parser = subparsers.add_parser(
+        "propagate", help="propagate a liver annotation on one axial slice through the volume",
+        description="One annotated axial slice -> liver mask of the volume: SAM 2 video propagation when a "
+                    "SAM 2 checkpoint is given, else box chaining with the bundled LiteMedSAM weights.")
+    parser.add_argument("input", help="CT file or DICOM series folder")
+    parser.add_argument("--annotation", required=True,
+                        help="mask on the CT grid with the liver drawn on one axial slice (or several: each "
+                             "seeds the slices nearest to it)")
+    parser.add_argument("-o", "--output", required=True, help="output mask file (.nii.gz, .nrrd, .seg.nrrd, .mha)")
+    parser.add_argument("--engine", default="auto", choices=["auto", "sam2", "litemedsam"],
+                        help="auto (default): sam2 when --sam2-checkpoint is given, else litemedsam")
+    parser.add_argument("--sam2-checkpoint", help="SAM 2 checkpoint (e.g. sam2.1_hiera_tiny.pt)")
+    parser.add_argument("--sam2-config", help="SAM 2 config name (default: from the checkpoint's file name)")
+    parser.add_argument("--slice", type=int, help="seed only from this annotated slice (index along the axial axis)")
+    parser.add_argument("--direction", default="both", choices=["both", "up", "down"],
+                        help="up = towards the head (superior), down = towards the feet; default both")
+    parser.add_argument("--bounds", type=int, nargs=2, metavar=("FIRST", "LAST"),
+                        help="never go beyond these axial slice indices")
+    parser.add_argument("--patience", type=int, default=2,
+                        help="stop a direction after this many consecutive failing slices (default 2)")
+    parser.add_argument("--guide", help="a coarse liver mask (e.g. polycl segment output) used as a stop signal")
+    parser.add_argument("--margin", type=int, default=2, help="box margin in pixels for litemedsam (default 2)")
+    parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--reference", help="reference liver mask: print Dice")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    parser.set_defaults(handler=command_propagate)
+    return parser
+
+
+def add_cli_commands(subparsers: argparse._SubParsersAction) -> None:
+    """Register every command of this module (``propagate``)."""
+    add_propagate_command(subparsers)

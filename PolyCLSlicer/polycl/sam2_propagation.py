@@ -1,0 +1,419 @@
+"""One annotated axial slice -> whole-volume liver mask (paper §3.3.2, product workflow).
+
+Two engines share one driver (seeds, directions, bounds, stop rules):
+
+* ``sam2``: the official SAM 2 video predictor with a user checkpoint + config.  Slices form a
+  pseudo-video fed from memory (windowed HU -> the model's normalised float frames at its image size;
+  no JPEG round trip), seeded with ``add_new_mask`` on the annotated slice and propagated away from it;
+  logits are thresholded at 0 and come back on the input grid.
+* ``litemedsam``: box chaining with the bundled LiteMedSAM weights: the mask on slice k gives a box
+  (largest 2D component + small margin) that prompts slice k+-1.  Works out of the box on CPU.
+
+Slices are ordered inferior->superior through :class:`~polycl.preprocessing.CanonicalOrientation`
+(from the direction matrix, never from array axis order); "up" means superior.
+
+Stop rules: SAM-type models keep returning a plausible blob past the organ's end, so area alone
+rarely stops them (METHOD §10).  A slice *fails* when its mask is empty or tiny, when the model's own
+confidence is low (LiteMedSAM predicted IoU; SAM 2 object score), when few of its pixels have the seed
+slice's liver intensities, when most of it lies outside the previous slice's mask (dilated), or -
+given a guide mask such as the PolyCL output - when it does not overlap the guide.  ``patience``
+consecutive failing slices end a direction and are discarded; a direction also ends at the user's
+bounds or at the midpoint towards the next annotated slice.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Generator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+from unittest import mock
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy import ndimage
+
+from .inference import resolve_device
+from .io import voxel_spacing
+from .preprocessing import CanonicalOrientation, window
+from .progress import CancelFlag, ProgressFn, check_cancel, no_progress
+from .sam_refine import (
+    Refiner,
+    array_slice_index,
+    autocast_context,
+    build_litemedsam,
+    component_boxes,
+    load_sam2_model,
+    resolve_precision,
+    slice_to_rgb,
+)
+
+ENGINES = ("auto", "sam2", "litemedsam")
+DIRECTIONS = ("both", "up", "down")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+_sam2_patch_lock = threading.Lock()
+
+# (canonical slice index, 2D mask, model confidence in [0, 1] or None)
+Step = tuple[int, np.ndarray, float | None]
+
+
+@dataclass
+class StopRules:
+    """When a propagated slice fails, and how many failures in a row end a direction."""
+
+    patience: int = 2  # K consecutive failing slices stop a direction
+    min_area_fraction: float = 0.02  # mask smaller than this fraction of the seed area = vanished
+    min_confidence: float = 0.5  # LiteMedSAM predicted IoU / sigmoid(SAM 2 object score)
+    min_intensity_fraction: float = 0.6  # share of mask pixels inside the seed's HU range
+    intensity_tolerance_hu: float = 25.0  # widening of the seed's 5th-95th percentile HU range
+    min_containment: float = 0.5  # share of the mask inside the previous slice's mask, dilated
+    containment_radius_mm: float = 10.0  # that dilation
+    min_guide_overlap: float = 0.3  # share of the mask inside the guide mask (when one is given)
+
+    def __post_init__(self) -> None:
+        if self.patience < 1:
+            raise ValueError(f"patience must be >= 1, got {self.patience}")
+
+
+@dataclass
+class SliceStep:
+    """What happened on one propagated slice (``index`` along the input array's axial axis)."""
+
+    index: int
+    seed_index: int
+    direction: str
+    area: int
+    confidence: float | None
+    failed: str | None  # the first failing rule, or None
+    kept: bool
+
+
+@dataclass
+class PropagationResult:
+    """Propagated mask ([i, j, k] uint8 on the input grid), per-slice steps and why each direction stopped."""
+
+    mask: np.ndarray
+    steps: list[SliceStep]
+    stops: list[str]
+    engine: str
+    seconds: float = 0.0
+    seed_indices: list[int] = field(default_factory=list)
+
+    @property
+    def slices_with_mask(self) -> int:
+        return int(np.count_nonzero([s.kept and s.area > 0 for s in self.steps])) + len(self.seed_indices)
+
+
+# --------------------------------------------------------------------------------------------
+# Engines: each yields (slice, mask, confidence) along an order of slices and accepts, through
+# ``send``, the mask the driver accepted for that slice (None when the slice failed).
+
+
+class ChainTracker:
+    """LiteMedSAM (or any :class:`Refiner`) box chaining: previous accepted mask -> box -> next slice."""
+
+    name = "litemedsam"
+
+    def __init__(self, refiner: Refiner, margin: int = 2, largest_only: bool = True, min_area: int = 10):
+        self.refiner = refiner
+        self.margin = margin
+        self.largest_only = largest_only
+        self.min_area = min_area
+
+    def track(self, ct: np.ndarray, seed: int, seed_mask: np.ndarray,
+              order: Sequence[int]) -> Generator[Step, np.ndarray | None, None]:
+        source = seed_mask
+        for z in order:
+            boxes, _ = component_boxes(source, self.margin, self.min_area, largest_only=self.largest_only)
+            embedding = self.refiner.embed([slice_to_rgb(ct[z])])[0]
+            masks, ious, _ = self.refiner.decode(embedding, boxes)
+            mask = np.zeros(ct.shape[1:], bool)
+            for (x0, y0, x1, y1), box_mask in zip(boxes, masks, strict=True):
+                mask[y0:y1 + 1, x0:x1 + 1] |= box_mask[y0:y1 + 1, x0:x1 + 1]
+            confidence = float(np.min(ious)) if len(ious) else None
+            accepted = yield z, mask, confidence
+            if accepted is not None and accepted.any():  # None: slice rejected, keep the last box
+                source = accepted
+
+
+class _SliceFrames:
+    """Lazy SAM 2 video frames from canonical CT slices: windowed, resized, ImageNet-normalised."""
+
+    def __init__(self, ct: np.ndarray, order: Sequence[int], image_size: int, device: torch.device,
+                 center: float = 40.0, width: float = 400.0):
+        self.ct, self.order, self.image_size, self.device = ct, list(order), image_size, device
+        self.center, self.width = center, width
+        self.mean = torch.tensor(IMAGENET_MEAN, device=device)[:, None, None]
+        self.std = torch.tensor(IMAGENET_STD, device=device)[:, None, None]
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        hu = torch.from_numpy(np.asarray(self.ct[self.order[index]], np.float32)).to(self.device)
+        gray = window(hu, self.center, self.width)[None, None]
+        gray = F.interpolate(gray, size=(self.image_size, self.image_size), mode="bilinear",
+                             align_corners=False, antialias=True)[0].clamp_(0.0, 1.0)
+        return (gray.expand(3, -1, -1) - self.mean) / self.std
+
+
+class Sam2Tracker:
+    """SAM 2 video predictor fed from memory; one pseudo-video per (seed, direction), seed first."""
+
+    name = "sam2"
+
+    def __init__(self, predictor: torch.nn.Module, precision: str = "auto", device: str | torch.device = "auto"):
+        self.device = resolve_device(device)
+        self.predictor = predictor.to(self.device).eval()
+        self.precision = resolve_precision(precision, self.device)
+        if getattr(self.predictor, "fill_hole_area", 0) > 0 and not _sam2_extension_available():
+            self.predictor.fill_hole_area = 0  # hole filling needs sam2's CUDA extension; skip its error path
+
+    def init_state(self, frames: _SliceFrames, height: int, width: int) -> dict:
+        """``predictor.init_state`` with in-memory frames instead of a JPEG folder or MP4."""
+        import sam2.sam2_video_predictor as video_module
+
+        def load_frames(**_: Any) -> tuple[_SliceFrames, int, int]:
+            return frames, height, width
+
+        with _sam2_patch_lock, mock.patch.object(video_module, "load_video_frames", load_frames), \
+                autocast_context(self.device, self.precision):
+            return self.predictor.init_state(video_path="<memory>", offload_video_to_cpu=True)
+
+    def track(self, ct: np.ndarray, seed: int, seed_mask: np.ndarray,
+              order: Sequence[int]) -> Generator[Step, np.ndarray | None, None]:
+        import sam2.sam2_video_predictor as video_module
+
+        frames = _SliceFrames(ct, [seed, *order], int(self.predictor.image_size), self.device)
+        state = self.init_state(frames, ct.shape[1], ct.shape[2])
+        with autocast_context(self.device, self.precision):
+            self.predictor.add_new_mask(state, frame_idx=0, obj_id=1, mask=torch.from_numpy(seed_mask > 0))
+        quiet = mock.patch.object(video_module, "tqdm", lambda iterable, **_: iterable)  # no progress bar
+        quiet.start()
+        stream = self.predictor.propagate_in_video(state, start_frame_idx=0)
+        try:
+            while True:
+                with autocast_context(self.device, self.precision):
+                    item = next(stream, None)
+                if item is None:
+                    return
+                frame_idx, _, logits = item
+                if frame_idx == 0:
+                    continue
+                mask = (logits[0, 0] > 0.0).cpu().numpy()
+                yield order[frame_idx - 1], mask, self._object_confidence(state, frame_idx)
+        finally:
+            stream.close()
+            quiet.stop()
+            self.predictor.reset_state(state)
+
+    @staticmethod
+    def _object_confidence(state: dict, frame_idx: int) -> float | None:
+        try:
+            out = state["output_dict_per_obj"][0]["non_cond_frame_outputs"][frame_idx]
+            return float(torch.sigmoid(out["object_score_logits"].float()).max())
+        except (KeyError, IndexError, TypeError):
+            return None
+
+
+def _sam2_extension_available() -> bool:
+    try:
+        from sam2 import _C  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def build_sam2_tracker(checkpoint: str | os.PathLike | None, config: str | None = None,
+                       device: str | torch.device = "auto", precision: str = "auto") -> Sam2Tracker:
+    """SAM 2 video predictor from a user checkpoint + config (names as in ``sam2/configs``)."""
+    model = load_sam2_model(checkpoint, config, device, video=True)
+    return Sam2Tracker(model, precision=precision, device=device)
+
+
+# --------------------------------------------------------------------------------------------
+# Driver
+
+
+class _SliceJudge:
+    """Applies :class:`StopRules` to one propagated slice against the seed and the previous slice."""
+
+    def __init__(self, rules: StopRules, ct: np.ndarray, seed: int, seed_mask: np.ndarray, pixel_mm: float,
+                 guide: np.ndarray | None):
+        self.rules, self.ct, self.guide = rules, ct, guide
+        values = ct[seed][seed_mask]
+        low, high = np.percentile(values, [5, 95]) if values.size else (-np.inf, np.inf)
+        self.hu_range = (low - rules.intensity_tolerance_hu, high + rules.intensity_tolerance_hu)
+        self.min_area = max(1, int(np.ceil(rules.min_area_fraction * seed_mask.sum())))
+        radius = max(1, int(round(rules.containment_radius_mm / max(pixel_mm, 1e-3))))
+        yy, xx = np.mgrid[-radius:radius + 1, -radius:radius + 1]
+        self.disk = (yy ** 2 + xx ** 2) <= radius ** 2
+
+    def __call__(self, z: int, mask: np.ndarray, confidence: float | None, previous: np.ndarray) -> str | None:
+        rules, area = self.rules, int(mask.sum())
+        if area < self.min_area:
+            return "vanished"
+        if confidence is not None and confidence < rules.min_confidence:
+            return "low confidence"
+        values = self.ct[z][mask]
+        inside = np.count_nonzero((values >= self.hu_range[0]) & (values <= self.hu_range[1]))
+        if inside < rules.min_intensity_fraction * area:
+            return "intensity"
+        if previous.any() and rules.min_containment > 0:
+            near = ndimage.binary_dilation(previous, self.disk)
+            if np.count_nonzero(mask & near) < rules.min_containment * area:
+                return "jumped"
+        if self.guide is not None and np.count_nonzero(mask & self.guide[z]) < rules.min_guide_overlap * area:
+            return "outside guide"
+        return None
+
+
+def _regions(seeds: list[int], count: int, lo: int, hi: int, direction: str) -> list[tuple[int, str, list[int]]]:
+    """(seed, direction, canonical slice order) runs: each slice goes to its nearest seed."""
+    runs = []
+    for n, seed in enumerate(seeds):
+        below = (seeds[n - 1] + seed) // 2 + 1 if n > 0 else (lo if direction in ("both", "down") else seed + 1)
+        above = (seed + seeds[n + 1]) // 2 if n + 1 < len(seeds) else (hi if direction in ("both", "up") else seed - 1)
+        up = list(range(seed + 1, min(above, count - 1) + 1))
+        down = list(range(seed - 1, max(below, 0) - 1, -1))
+        if up:
+            runs.append((seed, "up", up))
+        if down:
+            runs.append((seed, "down", down))
+    return runs
+
+
+def propagate_from_annotation(ct_array: np.ndarray, ijk_to_ras: np.ndarray, annotation_mask: np.ndarray,
+                              engine: str = "auto", checkpoint: str | os.PathLike | None = None,
+                              config: str | None = None, direction: str = "both",
+                              bounds: tuple[int, int] | None = None, seed_slice: int | None = None,
+                              stop: StopRules | None = None, guide_mask: np.ndarray | None = None,
+                              margin: int = 2, device: str | torch.device = "auto", precision: str = "auto",
+                              tracker: ChainTracker | Sam2Tracker | Any | None = None,
+                              progress: ProgressFn = no_progress,
+                              cancel: CancelFlag | None = None) -> PropagationResult:
+    """Propagate a liver annotation on one (or a few) axial slices through the volume.
+
+    ``annotation_mask`` is an [i, j, k] mask on the CT grid with foreground on one axial slice, or on
+    several (each slice then seeds the slices nearest to it).  ``seed_slice`` (index along the axial
+    array axis) picks one annotated slice.  ``engine``: 'sam2' (needs ``checkpoint``, ``config``
+    optional when the file name tells the size), 'litemedsam' (bundled weights), or 'auto' (SAM 2 when
+    a checkpoint is given).  ``direction`` 'up' (superior) / 'down' / 'both'; ``bounds`` = (first, last)
+    axial array indices to stay within.  ``guide_mask`` (e.g. the PolyCL mask) adds a stop rule.
+    ``tracker`` injects a ready engine (keeps a loaded model warm between calls).
+    """
+    start_time = time.perf_counter()
+    ct_array, annotation = np.asarray(ct_array), np.asarray(annotation_mask) > 0
+    if ct_array.ndim != 3:
+        raise ValueError(f"expected a 3D CT volume, got shape {ct_array.shape}")
+    if annotation.shape != ct_array.shape:
+        raise ValueError(f"annotation shape {annotation.shape} differs from the CT's {ct_array.shape}")
+    if direction not in DIRECTIONS:
+        raise ValueError(f"unknown direction {direction!r}; use one of {', '.join(DIRECTIONS)}")
+    if not annotation.any():
+        raise ValueError("the annotation has no foreground; draw the liver on one axial slice first")
+    rules = stop or StopRules()
+    orientation = CanonicalOrientation.from_matrix(ijk_to_ras)
+    shape = ct_array.shape
+    ct = np.ascontiguousarray(orientation.to_canonical(ct_array))
+    seeds_mask = np.ascontiguousarray(orientation.to_canonical(annotation))
+    guide = None if guide_mask is None else np.ascontiguousarray(orientation.to_canonical(np.asarray(guide_mask) > 0))
+    count = ct.shape[0]
+
+    def to_canonical(index: int, what: str) -> int:
+        if not -count <= index < count:
+            raise ValueError(f"{what} {index} is outside the volume's {count} axial slices")
+        return array_slice_index(orientation, shape, index % count)
+
+    annotated = [int(z) for z in np.flatnonzero(seeds_mask.reshape(count, -1).any(1))]
+    if seed_slice is not None:
+        z = to_canonical(seed_slice, "slice")
+        if z not in annotated:
+            listed = sorted(array_slice_index(orientation, shape, a) for a in annotated)
+            raise ValueError(f"the annotation has no foreground on slice {seed_slice}; annotated slices: {listed}")
+        annotated = [z]
+    lo, hi = 0, count - 1
+    if bounds is not None:
+        a, b = to_canonical(int(bounds[0]), "bound"), to_canonical(int(bounds[1]), "bound")
+        lo, hi = min(a, b), max(a, b)
+        outside = [z for z in annotated if not lo <= z <= hi]
+        if outside:
+            raise ValueError(f"annotated slice {array_slice_index(orientation, shape, outside[0])} lies outside "
+                             f"the bounds {tuple(bounds)}")
+
+    if tracker is None:
+        tracker = _build_tracker(engine, checkpoint, config, device, precision, margin)
+    spacing = voxel_spacing(orientation.canonical_matrix(ijk_to_ras, shape))
+    pixel_mm = float(np.mean(spacing[1:]))
+    out = np.zeros_like(seeds_mask)
+    for z in annotated:
+        out[z] = seeds_mask[z]
+    runs = _regions(annotated, count, lo, hi, direction)
+    total = max(1, sum(len(order) for _, _, order in runs))
+    steps: list[SliceStep] = []
+    stops: list[str] = []
+    done = 0
+    for seed, run_direction, order in runs:
+        judge = _SliceJudge(rules, ct, seed, seeds_mask[seed], pixel_mm, guide)
+        stream = tracker.track(ct, seed, seeds_mask[seed], order)
+        previous, pending, reply, first = seeds_mask[seed], [], None, True
+        reason = f"seed {array_slice_index(orientation, shape, seed)} {run_direction}: reached "
+        reason += "the next seed's region" if len(annotated) > 1 and (
+            (run_direction == "up" and seed != annotated[-1]) or (run_direction == "down" and seed != annotated[0])
+        ) else ("the bounds" if bounds is not None else "the end of the volume")
+        try:
+            while True:
+                check_cancel(cancel, "propagation")
+                try:
+                    z, mask, confidence = next(stream) if first else stream.send(reply)
+                except StopIteration:
+                    break
+                first = False
+                done += 1
+                failed = judge(z, mask, confidence, previous)
+                step = SliceStep(array_slice_index(orientation, shape, z), array_slice_index(orientation, shape, seed),
+                                 run_direction, int(mask.sum()), confidence, failed, kept=failed is None)
+                steps.append(step)
+                if failed is None:
+                    for held_z, held_mask, held_step in pending:  # a transient failure: keep those slices
+                        out[held_z] = held_mask
+                        held_step.kept = True
+                    pending = []
+                    out[z] = mask
+                    previous = mask
+                    reply = mask
+                else:
+                    pending.append((z, mask, step))
+                    reply = None  # rejected: a chain keeps prompting from its last accepted mask
+                    if len(pending) >= rules.patience:
+                        reason = (f"seed {step.seed_index} {run_direction}: stopped at slice {step.index} after "
+                                  f"{len(pending)} failing slices ({failed})")
+                        break
+                progress(min(1.0, done / total), f"slice {step.index} ({run_direction} from {step.seed_index})")
+        finally:
+            stream.close()
+        stops.append(reason)
+    mask = np.ascontiguousarray(orientation.from_canonical(out.astype(np.uint8)))
+    return PropagationResult(mask=mask, steps=steps, stops=stops, engine=getattr(tracker, "name", str(engine)),
+                             seconds=time.perf_counter() - start_time,
+                             seed_indices=[array_slice_index(orientation, shape, z) for z in annotated])
+
+
+def _build_tracker(engine: str, checkpoint: str | os.PathLike | None, config: str | None,
+                   device: str | torch.device, precision: str, margin: int) -> ChainTracker | Sam2Tracker:
+    engine = (engine or "auto").lower()
+    if engine not in ENGINES:
+        raise ValueError(f"unknown propagation engine {engine!r}; use one of {', '.join(ENGINES)}")
+    if engine == "auto":
+        engine = "sam2" if checkpoint else "litemedsam"
+    if engine == "sam2":
+        if not checkpoint:
+            raise ValueError("SAM 2 propagation needs a SAM 2 checkpoint; pass --sam2-checkpoint FILE "
+                             "(or use --engine litemedsam, which ships with weights)")
+        return build_sam2_tracker(checkpoint, config, device, precision)
+    return ChainTracker(build_litemedsam(device, precision), margin=margin)
+
