@@ -14,9 +14,11 @@ Slices are ordered inferior->superior through :class:`~polycl.preprocessing.Cano
 
 Stop rules: SAM-type models keep returning a plausible blob past the organ's end, so area alone
 rarely stops them (METHOD §10).  A slice *fails* when its mask is empty or tiny, when the model's own
-confidence is low (LiteMedSAM predicted IoU; SAM 2 object score), when few of its pixels have the seed
-slice's liver intensities, when most of it lies outside the previous slice's mask (dilated), or -
-given a guide mask such as the PolyCL output - when it does not overlap the guide.  ``patience``
+confidence is low (LiteMedSAM predicted IoU; SAM 2 object score), when its median HU drifts from the
+seed's (on a CT with the liver at ~45 HU, box chaining crept into fluid-filled colon at ~8 HU
+below the liver tip) or few of its pixels have the seed's HU range, when most of it lies outside
+the previous slice's mask (dilated), or - given a guide mask such as the PolyCL output - when it
+does not overlap the guide.  ``patience``
 consecutive failing slices end a direction and are discarded; a direction also ends at the user's
 bounds or at the midpoint towards the next annotated slice.
 """
@@ -68,6 +70,7 @@ class StopRules:
     patience: int = 2  # K consecutive failing slices stop a direction
     min_area_fraction: float = 0.02  # mask smaller than this fraction of the seed area = vanished
     min_confidence: float = 0.5  # LiteMedSAM predicted IoU / sigmoid(SAM 2 object score)
+    max_median_shift_hu: float = 20.0  # |median HU in the mask - median HU in the seed mask|
     min_intensity_fraction: float = 0.6  # share of mask pixels inside the seed's HU range
     intensity_tolerance_hu: float = 25.0  # widening of the seed's 5th-95th percentile HU range
     min_containment: float = 0.5  # share of the mask inside the previous slice's mask, dilated
@@ -247,6 +250,7 @@ class _SliceJudge:
         self.rules, self.ct, self.guide = rules, ct, guide
         values = ct[seed][seed_mask]
         low, high = np.percentile(values, [5, 95]) if values.size else (-np.inf, np.inf)
+        self.median = float(np.median(values)) if values.size else 0.0
         self.hu_range = (low - rules.intensity_tolerance_hu, high + rules.intensity_tolerance_hu)
         self.min_area = max(1, int(np.ceil(rules.min_area_fraction * seed_mask.sum())))
         radius = max(1, int(round(rules.containment_radius_mm / max(pixel_mm, 1e-3))))
@@ -262,6 +266,8 @@ class _SliceJudge:
         values = self.ct[z][mask]
         inside = np.count_nonzero((values >= self.hu_range[0]) & (values <= self.hu_range[1]))
         if inside < rules.min_intensity_fraction * area:
+            return "intensity"
+        if abs(float(np.median(values)) - self.median) > rules.max_median_shift_hu:
             return "intensity"
         if previous.any() and rules.min_containment > 0:
             near = ndimage.binary_dilation(previous, self.disk)
