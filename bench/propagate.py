@@ -1,0 +1,144 @@
+"""One-slice propagation benchmark: SAM 2 hiera-t seconds per frame (naive vs optimised) and
+LiteMedSAM box-chaining Dice from the reference's middle slice on every labelled case.
+
+Run:  .venv/bin/python bench/propagate.py [--data DIR] [--frames 3] [--skip-sam2] [--full-stop]
+
+In one run on this machine:
+  1. SAM 2.1 hiera-t video predictor with random weights (no SAM 2 weights are downloadable here;
+     timing does not depend on the weights) at its 1024x1024 image size, on ``--frames`` propagated
+     slices of totalseg_dcm: image encoder alone per frame and whole propagation per frame, naive
+     (fp32) vs optimised (bf16 autocast where the CPU runs bf16 natively), interleaved;
+  2. LiteMedSAM box chaining (bundled weights) seeded with the reference mask's middle axial slice:
+     3D Dice against the reference, seconds per propagated slice, and why each direction stopped;
+  3. with ``--full-stop``: the same chaining on totalseg_full (112 slices, thorax to pelvis; the
+     totalseg_sm reference covers its top 30 slices), seeded at the same slice, to show where the
+     downward direction stops (the liver's inferior tip is not in the reference).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "PolyCLSlicer"))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from refine import CASES, data_root, machine, peak_rss_mb  # noqa: E402
+
+from polycl import sam2_propagation as sp  # noqa: E402
+from polycl.io import read_mask, read_volume  # noqa: E402
+from polycl.metrics import dice  # noqa: E402
+from polycl.preprocessing import CanonicalOrientation  # noqa: E402
+from polycl.sam_refine import autocast_context  # noqa: E402
+
+NEVER_STOP = sp.StopRules(patience=10**6, min_area_fraction=0.0, min_confidence=0.0, max_median_shift_hu=1e9,
+                          min_intensity_fraction=0.0, min_containment=0.0)
+
+
+def middle_annotation(reference: np.ndarray, ijk_to_ras: np.ndarray) -> tuple[np.ndarray, int]:
+    """The reference mask on its middle liver slice only; returns (annotation, array slice index)."""
+    axis = CanonicalOrientation.from_matrix(ijk_to_ras).slice_axis
+    moved = np.moveaxis(reference > 0, axis, 0)
+    liver = np.flatnonzero(moved.reshape(len(moved), -1).any(1))
+    middle = int(liver[len(liver) // 2])
+    annotation = np.zeros_like(moved)
+    annotation[middle] = moved[middle]
+    return np.moveaxis(annotation, 0, axis).astype(np.uint8), middle
+
+
+def sam2_timing(root: Path, frames: int) -> None:
+    from sam2.build_sam import build_sam2_video_predictor
+
+    torch.manual_seed(0)
+    predictor = build_sam2_video_predictor("configs/sam2.1/sam2.1_hiera_t.yaml", ckpt_path=None, device="cpu")
+    ct = read_volume(root / "labeled" / "totalseg_dcm_ct.nii.gz")
+    reference = read_mask(root / "labeled" / "totalseg_dcm_liver.nii.gz", ct).array
+    annotation, middle = middle_annotation(reference, ct.ijk_to_ras)
+    size = int(predictor.image_size)
+    image = torch.randn(1, 3, size, size)
+    trackers = {"naive": sp.Sam2Tracker(predictor, precision="fp32", device="cpu"),
+                "optimised": sp.Sam2Tracker(predictor, precision="auto", device="cpu")}
+    with torch.inference_mode():  # warm-up
+        predictor.forward_image(image)
+    encoder = {label: [] for label in trackers}
+    per_frame = {label: [] for label in trackers}
+    for _ in range(2):
+        for label, tracker in trackers.items():
+            with torch.inference_mode(), autocast_context(tracker.device, tracker.precision):
+                start = time.perf_counter()
+                predictor.forward_image(image)
+                encoder[label].append(time.perf_counter() - start)
+    for label, tracker in trackers.items():
+        start = time.perf_counter()
+        result = sp.propagate_from_annotation(ct.array, ct.ijk_to_ras, annotation, tracker=tracker, direction="up",
+                                              bounds=(middle, middle + frames), stop=NEVER_STOP)
+        elapsed = time.perf_counter() - start
+        per_frame[label].append(elapsed / (frames + 1))  # the seed frame is encoded too
+        assert len(result.steps) == frames
+    print(f"\n1. SAM 2.1 hiera-t (random weights) at {size}x{size}, {frames} propagated frames + seed, "
+          f"totalseg_dcm; precision of 'optimised': {trackers['optimised'].precision}")
+    print(f"   {'path':<10} {'encoder s/frame':>16} {'propagation s/frame':>20}")
+    for label in trackers:
+        print(f"   {label:<10} {np.median(encoder[label]):>16.2f} {np.mean(per_frame[label]):>20.2f}")
+    ratio = np.mean(per_frame["naive"]) / np.mean(per_frame["optimised"])
+    print(f"   speed-up {ratio:.2f}x; peak RSS so far {peak_rss_mb():.0f} MB")
+
+
+def chaining(root: Path) -> sp.ChainTracker:
+    tracker = sp.ChainTracker(sp.build_litemedsam(device="cpu"))
+    print("\n2. LiteMedSAM box chaining from the reference's middle slice (bundled weights)")
+    print(f"   {'case':<13} {'seed':>4} {'slices':>6} {'s/slice':>8} {'Dice':>7}  stops")
+    for case in CASES:
+        ct = read_volume(root / "labeled" / f"{case}_ct.nii.gz")
+        reference = read_mask(root / "labeled" / f"{case}_liver.nii.gz", ct).array
+        annotation, middle = middle_annotation(reference, ct.ijk_to_ras)
+        result = sp.propagate_from_annotation(ct.array, ct.ijk_to_ras, annotation, tracker=tracker)
+        steps = max(1, len(result.steps))
+        print(f"   {case:<13} {middle:>4} {len(result.steps):>6} {result.seconds / steps:>8.2f} "
+              f"{dice(result.mask, reference):>7.4f}  {'; '.join(result.stops)}", flush=True)
+    print(f"   peak RSS so far {peak_rss_mb():.0f} MB")
+    return tracker
+
+
+def full_stop(root: Path, tracker: sp.ChainTracker) -> None:
+    full = read_volume(root / "unlabeled" / "totalseg_full_ct.nii.gz")
+    small = read_volume(root / "labeled" / "totalseg_sm_ct.nii.gz")
+    reference = read_mask(root / "labeled" / "totalseg_sm_liver.nii.gz", small).array
+    offset = int(round((small.ijk_to_ras[2, 3] - full.ijk_to_ras[2, 3]) / full.ijk_to_ras[2, 2]))
+    annotation = np.zeros(full.array.shape, np.uint8)
+    annotation[:, :, offset + 15] = reference[:, :, 15]
+    result = sp.propagate_from_annotation(full.array, full.ijk_to_ras, annotation, tracker=tracker, direction="down")
+    kept = [s for s in result.steps if s.kept]
+    print(f"\n3. totalseg_full, seed slice {offset + 15}, downwards: {len(kept)} slices kept, lowest "
+          f"{min(s.index for s in kept) if kept else '-'}; {'; '.join(result.stops)}")
+    for step in result.steps[-6:]:
+        print(f"   slice {step.index}: area {step.area} px, IoU {step.confidence:.2f}, failed: {step.failed}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", help="shared data folder (default $POLYCL_DATA or ../shared/data)")
+    parser.add_argument("--frames", type=int, default=3, help="propagated SAM 2 frames to time")
+    parser.add_argument("--skip-sam2", action="store_true")
+    parser.add_argument("--full-stop", action="store_true", help="also run the stop demonstration on totalseg_full")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    root = data_root(args.data)
+    print("machine:", machine())
+    if not args.skip_sam2:
+        sam2_timing(root, args.frames)
+    tracker = chaining(root)
+    if args.full_stop:
+        full_stop(root, tracker)
+
+
+if __name__ == "__main__":
+    main()
