@@ -218,6 +218,7 @@ class _Job:
     progressBar: Any
     statusLabel: Any
     onDone: Any
+    discard: bool = False  # the scene was closed: the result has nowhere to go
 
 
 class PolyCLSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
@@ -275,6 +276,7 @@ class PolyCLSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onSceneStartClose(self, caller: Any, event: Any) -> None:
         if self._job is not None:
             self._job.runner.request_cancel()
+            self._job.discard = True
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller: Any, event: Any) -> None:
@@ -493,6 +495,9 @@ class PolyCLSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if event.kind == "progress":
                 job.progressBar.value = int(100 * event.fraction)
                 job.statusLabel.text = event.message
+            elif event.kind == "done" and job.discard:
+                self._endJob()
+                job.statusLabel.text = "The scene was closed; the result was discarded."
             elif event.kind == "done":  # also when Cancel came too late: finished work is kept
                 self._endJob()
                 with slicer.util.tryWithErrorDisplay("Could not store the result.", waitCursor=True):

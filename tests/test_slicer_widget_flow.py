@@ -300,3 +300,17 @@ def test_open_segment_editor_paints_into_an_annotation_segment(app, widget, monk
     assert ("setCurrentSegmentID", (annotation_id,)) in calls and ("setActiveEffectByName", ("Paint",)) in calls
     assert w.ui.annotationSegmentSelector.currentSegmentID() == annotation_id
     assert len(app.dialogs.jumps) == 1  # the views moved to the middle slice
+
+
+def test_closing_the_scene_during_a_job_discards_its_result(app, widget):
+    w = widget.widget
+    before = node_ids(app.scene)
+    w.onApplyButton()
+    w.onSceneStartClose(None, None)  # the user closes the scene while the segmentation runs
+    assert w._parameterNode is None
+    run_job(w)
+    assert w.ui.statusLabel.text in ("The scene was closed; the result was discarded.",
+                                     "Cancelled; the scene and files are unchanged.")
+    assert node_ids(app.scene) == before and w.ui.applyButton.text == "Apply"
+    w.onSceneEndClose(None, None)
+    assert w._parameterNode is not None
