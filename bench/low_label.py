@@ -64,6 +64,9 @@ def pretrain_encoders(data: Path, out: Path, args, extra_cases: list[str], tag: 
         losses = [round(r.loss, 3) for r in result.history]
         log(f"pretrained {method} ({tag}) in {seconds:.0f}s, loss per epoch {losses}")
         encoders[method] = (result.path, seconds)
+        with open(out / "results.jsonl", "a") as handle:
+            handle.write(json.dumps({"kind": "pretrain", "method": method, "tag": tag, "seconds": round(seconds, 1),
+                                     "loss_history": losses}) + "\n")
     return encoders
 
 
@@ -88,6 +91,49 @@ def mean_sd_mm(values: list[float]) -> str:
     return text + (f" ({len(values) - len(finite)} empty)" if len(finite) < len(values) else "")
 
 
+def make_table(rows: list[dict], inits: list[str], budgets: list[str], pretrain_seconds: dict[str, float]
+               ) -> list[str]:
+    """Markdown table: Dice and HD95 mean ± sd per budget, paired Dice difference vs random init, times."""
+    def label(budget: str) -> str:
+        return "1 scan" if budget == "1" else "all (2) scans"
+
+    header = "| init | " + " | ".join(f"Dice ({label(b)}) | HD95 mm ({label(b)}) | ΔDice vs random ({label(b)})"
+                                     for b in budgets) + " | pretrain s | finetune s/run |"
+    lines = [header, "|" + "---|" * (3 * len(budgets) + 3)]
+    random_dice = {(r["held_out"], r["budget"], r["seed"]): r["dice"] for r in rows if r["init"] == "random"}
+    for name in inits:
+        cells = []
+        for budget in budgets:
+            chosen = [r for r in rows if r["init"] == name and r["budget"] == budget]
+            cells += [mean_sd([r["dice"] for r in chosen]), mean_sd_mm([r["hd95_mm"] for r in chosen])]
+            if name == "random":
+                cells.append("—")
+                continue
+            deltas = [r["dice"] - random_dice[(r["held_out"], budget, r["seed"])] for r in chosen
+                      if (r["held_out"], budget, r["seed"]) in random_dice]
+            wins = sum(d > 0 for d in deltas)
+            cells.append(f"{np.mean(deltas):+.3f} ± {np.std(deltas, ddof=1) if len(deltas) > 1 else 0:.3f} "
+                         f"({wins}/{len(deltas)} better)" if deltas else "n/a")
+        ft = [r["finetune_s"] for r in rows if r["init"] == name]
+        pre = f"{pretrain_seconds[name]:.0f}" if name in pretrain_seconds else ("0" if name == "random" else "n/a")
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {pre} | {np.mean(ft) if ft else float('nan'):.1f} |")
+    return lines
+
+
+def report(path: Path) -> int:
+    """Re-print the table of a finished run from its results.jsonl."""
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = [r for r in records if r.get("kind") != "pretrain"]
+    seconds: dict[str, list[float]] = {}
+    for r in records:
+        if r.get("kind") == "pretrain":
+            seconds.setdefault(r["method"], []).append(r["seconds"])
+    inits = ["random"] + [m for m in METHODS if any(r["init"] == m for r in rows)]
+    budgets = [b for b in ("1", "all") if any(r["budget"] == b for r in rows)]
+    print("\n".join(make_table(rows, inits, budgets, {m: float(np.mean(v)) for m, v in seconds.items()})))
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=None, help="shared data folder (default $POLYCL_DATA)")
@@ -108,7 +154,10 @@ def main() -> int:
                         help="pretrain per fold on unlabeled + the fold's labelled training CTs")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--out", type=Path, default=None, help="work folder (default: a temp folder)")
+    parser.add_argument("--report", type=Path, help="only print the table of a finished run's results.jsonl")
     args = parser.parse_args()
+    if args.report:
+        return report(args.report)
     quick = {"size": 64, "pretrain_epochs": 4, "finetune_epochs": 12, "seeds": 2, "seeds_all": 1, "threads": 1}
     full = {"size": 128, "pretrain_epochs": 20, "finetune_epochs": 40, "seeds": 3, "seeds_all": 3}
     for key, value in (quick if args.quick else full).items():
@@ -163,22 +212,9 @@ def main() -> int:
                     log(f"{held_out:13s} budget {budget:3s} seed {seed} {name:9s} Dice {row['dice']:.3f} "
                         f"HD95 {row['hd95_mm']:.1f} mm ({seconds:.0f}s)")
 
-    pretrain_seconds = {}
-    if shared:
-        pretrain_seconds = {m: s for m, (_, s) in shared.items()}
+    pretrain_seconds = {m: s for m, (_, s) in shared.items()} if shared else {}
     budgets = [b for b in ("1", "all") if b in args.budgets]
-    header = "| init | " + " | ".join(
-        f"Dice ({'1 scan' if b == '1' else 'all (2) scans'}) | HD95 mm ({'1 scan' if b == '1' else 'all'})"
-        for b in budgets) + " | pretrain s | finetune s/run |"
-    lines = [header, "|" + "---|" * (2 * len(budgets) + 3)]
-    for name in ["random", *args.methods]:
-        cells = []
-        for budget in budgets:
-            chosen = [r for r in rows if r["init"] == name and r["budget"] == budget]
-            cells += [mean_sd([r["dice"] for r in chosen]), mean_sd_mm([r["hd95_mm"] for r in chosen])]
-        ft = [r["finetune_s"] for r in rows if r["init"] == name]
-        pre = f"{pretrain_seconds[name]:.0f}" if name in pretrain_seconds else ("0" if name == "random" else "per fold")
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {pre} | {np.mean(ft):.1f} |")
+    lines = make_table(rows, ["random", *args.methods], budgets, pretrain_seconds)
     total = (time.perf_counter() - bench_started) / 60
     note = (f"\n{len(CASES)} held-out cases x {args.seeds} seeds (1 scan; the seed picks which) / {args.seeds_all} "
             f"(all scans) per cell; input {args.size} px; "

@@ -115,13 +115,17 @@ def command_pretrain(args: argparse.Namespace) -> int:
                           overwrite=args.overwrite or bool(resuming_in_place),
                           data_description={"command": "polycl pretrain", "inputs": [str(p) for p in args.data]})
     except Cancelled:
+        context.close(clean=False)
         if main:
             print(f"polycl: pretraining cancelled; the last saved checkpoint (if any) is {output}", file=sys.stderr)
         return 130
+    except BaseException:
+        context.close(clean=False)
+        raise
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-        context.close()
+    context.close()
     if main:
         loss = result.card["metrics"].get("final_loss")
         print(f"wrote {result.path} ({result.card['kind']}, {args.method}, final loss {loss})")

@@ -160,9 +160,16 @@ class DistContext:
         if self.distributed:
             dist.barrier()
 
-    def close(self) -> None:
+    def close(self, clean: bool = True) -> None:
+        """Tear down a process group this context created.  After a clean run the ranks leave
+        together (a rank exiting while a peer still tears down can abort gloo with "terminate called
+        without an active exception"); after an error no rank waits for the others."""
         if self.created_group and dist.is_initialized():
-            dist.destroy_process_group()
+            try:
+                if clean:
+                    dist.barrier()
+            finally:
+                dist.destroy_process_group()
 
 
 def init_distributed(device: str = "auto") -> DistContext:
@@ -302,6 +309,8 @@ def pretrain(index: SliceIndex, output: str | os.PathLike, config: PretrainConfi
     config = config or PretrainConfig()
     if config.method not in METHODS:
         raise ValueError(f"unknown method {config.method!r}; choose one of {', '.join(METHODS)}")
+    if config.input_size < 32 or config.input_size % 16:
+        raise ValueError(f"input size {config.input_size} must be a multiple of 16, at least 32")
     if index.images is None or index.input_size != config.input_size:
         raise ValueError(f"the slice index must hold images at the input size {config.input_size} "
                          "(build_slice_index(..., size=input_size))")
@@ -311,9 +320,12 @@ def pretrain(index: SliceIndex, output: str | os.PathLike, config: PretrainConfi
         raise FileExistsError(f"{output} exists; pass overwrite=True (--overwrite) or choose a new file")
     context = init_distributed(config.device)
     try:
-        return _pretrain(index, output, config, resume, progress, cancel, on_batch, data_description, context)
-    finally:
-        context.close()
+        result = _pretrain(index, output, config, resume, progress, cancel, on_batch, data_description, context)
+    except BaseException:
+        context.close(clean=False)
+        raise
+    context.close()
+    return result
 
 
 def _pretrain(index: SliceIndex, output: Path, config: PretrainConfig, resume, progress, cancel, on_batch,
