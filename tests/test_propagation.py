@@ -220,7 +220,6 @@ def test_litemedsam_chain_from_middle_slice_of_real_case(labeled_case, chain):
     assert dice(result.mask, ref) >= 0.92  # measured 0.946 (every slice of this case has liver)
 
 
-@pytest.mark.slow
 def test_sam2_hiera_t_random_weights_runs_full_path():
     pytest.importorskip("sam2")
     from sam2.build_sam import build_sam2_video_predictor

@@ -201,7 +201,6 @@ def test_sam_vit_b_random_weights_runs_full_path():
     assert refiner.timings["encoder_images"] == 2
 
 
-@pytest.mark.slow
 def test_sam2_image_random_weights_runs_full_path():
     pytest.importorskip("sam2")
     from sam2.build_sam import build_sam2

