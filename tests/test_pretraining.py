@@ -358,6 +358,7 @@ def write_case(folder: Path, name: str, slices: int, liver: tuple[int, int] | No
         matrix[2, 2], matrix[2, 3] = -3.0, 3.0 * (slices - 1)
     rng = np.random.default_rng(len(name))
     ct = (rng.normal(0, 30, (24, 24, slices)) + np.linspace(-100, 100, 24)[:, None, None]).astype(np.int16)
+    ct[:3] = -1000  # air, so the volume looks like CT
     write_volume(folder / f"{name}_ct.nii.gz", ct, matrix)
     if liver is not None:
         mask = np.zeros(ct.shape, np.uint8)
@@ -416,9 +417,24 @@ def test_cli_pretrain_and_resume(tmp_path, capsys):
     assert "two scans" in capsys.readouterr().err
 
 
+def test_finetune_from_pretrained_encoder_records_method(tmp_path):
+    from polycl.finetuning import FinetuneConfig, finetune
+    from polycl.io import read_mask, read_volume
+
+    write_case(tmp_path, "a", 6, (2, 4))
+    encoder = pretrain(synthetic_index(32), tmp_path / "enc.ckpt",
+                       PretrainConfig(method="polycl-s", input_size=32, epochs=1, batch_size=8, anchor_fraction=None))
+    ct = read_volume(tmp_path / "a_ct.nii.gz")
+    result = finetune([(ct, read_mask(tmp_path / "a_liver.nii.gz", ct))], tmp_path / "seg.safetensors",
+                      FinetuneConfig(input_size=32, epochs=1, val_fraction=0, device="cpu"), init=encoder.path)
+    assert result.card["recipe"]["init_method"] == "polycl-s"
+
+
 def test_real_data_index_and_one_epoch(data_dir, tmp_path):
-    index = build_slice_index([data_dir / "labeled"], size=32, cache_dir=tmp_path / "cache")
-    assert len(index.scans) == 3 and int((index.presence == 1).sum()) == 53
+    index = build_slice_index([data_dir / "labeled", data_dir / "dicom" / "totalseg_series"], size=32,
+                              cache_dir=tmp_path / "cache")
+    assert len(index.scans) == 4 and int((index.presence == 1).sum()) == 53
+    assert index.scans[-1].name == "totalseg_series" and index.scans[-1].num_slices == 20  # DICOM folder
     result = pretrain(index, tmp_path / "real.ckpt",
                       PretrainConfig(method="polycl-s", input_size=32, epochs=1, batch_size=10))
     assert math.isfinite(result.card["metrics"]["final_loss"])

@@ -131,8 +131,22 @@ def _is_volume_file(path: Path) -> bool:
     return path.is_file() and path.name.lower().endswith(VOLUME_SUFFIXES) and not path.name.startswith(".")
 
 
+def _is_dicom_file(path: Path) -> bool:
+    if path.suffix.lower() == ".dcm":
+        return True
+    try:
+        with open(path, "rb") as handle:
+            return handle.read(132)[128:] == b"DICM"
+    except OSError:
+        return False
+
+
 def _is_dicom_folder(path: Path) -> bool:
-    return path.is_dir() and any(p.suffix.lower() == ".dcm" for p in path.iterdir() if p.is_file())
+    """A folder holding DICOM files (``.dcm`` or files with the DICM preamble; first 20 files checked)."""
+    if not path.is_dir():
+        return False
+    files = [p for p in sorted(path.iterdir()) if p.is_file() and not p.name.startswith(".")][:20]
+    return any(_is_dicom_file(p) for p in files)
 
 
 def find_volumes(paths: Iterable[str | os.PathLike]) -> list[Path]:
