@@ -251,7 +251,7 @@ def test_cli_propagate_litemedsam(tmp_path, chain, monkeypatch):
     write_volume(tmp_path / "ct.nii.gz", ct, matrix)
     write_mask(tmp_path / "ann.nii.gz", _annotate(truth, 4), matrix)
     write_mask(tmp_path / "ref.nii.gz", truth, matrix)
-    monkeypatch.setattr(sam2_propagation, "build_litemedsam", lambda *args, **kwargs: chain.refiner)
+    monkeypatch.setattr(sam2_propagation, "shared_refiner", lambda *args, **kwargs: chain.refiner)
     out = tmp_path / "out.nii.gz"
     code = cli.main(["propagate", str(tmp_path / "ct.nii.gz"), "--annotation", str(tmp_path / "ann.nii.gz"),
                      "-o", str(out), "--engine", "litemedsam", "--reference", str(tmp_path / "ref.nii.gz")])

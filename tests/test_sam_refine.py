@@ -271,3 +271,35 @@ def test_sam2_config_resolution_and_errors(tmp_path):
     torch.save({"model": {"bogus": torch.zeros(2)}}, wrong)
     with pytest.raises(ValueError, match="does not match SAM 2"):
         sr.build_refiner("sam2", checkpoint=wrong)
+
+
+# ---------------------------------------------------------------- session reuse and the CLI hook
+
+
+def test_shared_refiner_keeps_models_and_caches_for_the_session(monkeypatch):
+    built = []
+    monkeypatch.setattr(sr, "build_refiner", lambda name, **kwargs: built.append(name) or BoxFiller())
+    sr.clear_shared_refiners()
+    first = sr.shared_refiner("litemedsam", device="cpu")
+    assert sr.shared_refiner("litemedsam", device="cpu") is first and built == ["litemedsam"]
+    sr.shared_refiner("sam", checkpoint="a.pth", device="cpu")
+    sr.shared_refiner("sam2", checkpoint="b.pt", device="cpu")
+    assert sr.shared_refiner("litemedsam", device="cpu") is not first  # only two are kept
+    sr.clear_shared_refiners()
+
+
+def test_refine_from_args_cli_hook(monkeypatch, capsys):
+    import argparse
+
+    from polycl import cli_sam
+    from polycl.io import Volume
+
+    parser = argparse.ArgumentParser()
+    cli_sam.add_refine_arguments(parser)
+    args = parser.parse_args(["--refine", "litemedsam", "--refine-margin", "1"])
+    monkeypatch.setattr(sr, "build_refiner", lambda name, **kwargs: BoxFiller())
+    ct, coarse, matrix = _volume()
+    mask = cli_sam.refine_from_args(args, Volume(ct, matrix), coarse)
+    np.testing.assert_array_equal(mask, coarse)  # box = bounds + 1 px, fake mask = box - 1 px
+    assert "refined 4 slices" in capsys.readouterr().err
+    assert cli_sam.refine_from_args(parser.parse_args([]), Volume(ct, matrix), coarse) is coarse

@@ -47,10 +47,11 @@ from .sam_refine import (
     array_slice_index,
     autocast_context,
     bf16_encoder,
-    build_litemedsam,
+    build_litemedsam,  # noqa: F401  (re-exported for callers building a ChainTracker)
     component_boxes,
     load_sam2_model,
     resolve_precision,
+    shared_refiner,
     slice_to_rgb,
 )
 
@@ -412,6 +413,21 @@ def propagate_from_annotation(ct_array: np.ndarray, ijk_to_ras: np.ndarray, anno
                              seed_indices=[array_slice_index(orientation, shape, z) for z in annotated])
 
 
+_sam2_trackers: dict[tuple, Sam2Tracker] = {}
+_sam2_lock = threading.Lock()
+
+
+def shared_sam2_tracker(checkpoint: str | os.PathLike, config: str | None = None,
+                        device: str | torch.device = "auto", precision: str = "auto") -> Sam2Tracker:
+    """The session's SAM 2 tracker for these arguments (loaded once; only the latest one is kept)."""
+    key = (str(checkpoint), config, str(device), precision)
+    with _sam2_lock:
+        if key not in _sam2_trackers:
+            _sam2_trackers.clear()
+            _sam2_trackers[key] = build_sam2_tracker(checkpoint, config, device, precision)
+        return _sam2_trackers[key]
+
+
 def _build_tracker(engine: str, checkpoint: str | os.PathLike | None, config: str | None,
                    device: str | torch.device, precision: str, margin: int) -> ChainTracker | Sam2Tracker:
     engine = (engine or "auto").lower()
@@ -423,6 +439,6 @@ def _build_tracker(engine: str, checkpoint: str | os.PathLike | None, config: st
         if not checkpoint:
             raise ValueError("SAM 2 propagation needs a SAM 2 checkpoint; pass --sam2-checkpoint FILE "
                              "(or use --engine litemedsam, which ships with weights)")
-        return build_sam2_tracker(checkpoint, config, device, precision)
-    return ChainTracker(build_litemedsam(device, precision), margin=margin)
+        return shared_sam2_tracker(checkpoint, config, device, precision)
+    return ChainTracker(shared_refiner("litemedsam", device=device, precision=precision), margin=margin)
 

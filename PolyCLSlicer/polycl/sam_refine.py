@@ -619,6 +619,36 @@ def build_refiner(name: str = "litemedsam", checkpoint: str | os.PathLike | None
     raise ValueError(f"unknown refiner {name!r}; use one of {', '.join(REFINERS)}")
 
 
+_shared: OrderedDict[tuple, Refiner] = OrderedDict()
+_shared_lock = threading.Lock()
+
+
+def shared_refiner(name: str = "litemedsam", checkpoint: str | os.PathLike | None = None,
+                   model_type: str | None = None, config: str | None = None, device: str | torch.device = "auto",
+                   precision: str = "auto", keep: int = 2) -> Refiner:
+    """Like :func:`build_refiner`, but returns the same loaded refiner (and its embedding cache) for the
+    same arguments during the session - for interactive use (Slicer), where the user refines,
+    propagates and re-refines the same volume.  At most ``keep`` refiners stay loaded."""
+    key = (name.lower(), str(checkpoint) if checkpoint else None, model_type, config, str(device), precision)
+    with _shared_lock:
+        if key in _shared:
+            _shared.move_to_end(key)
+            return _shared[key]
+    refiner = build_refiner(name, checkpoint=checkpoint, model_type=model_type, config=config, device=device,
+                            precision=precision)
+    with _shared_lock:
+        _shared[key] = refiner
+        while len(_shared) > max(1, keep):
+            _shared.popitem(last=False)
+    return refiner
+
+
+def clear_shared_refiners() -> None:
+    """Drop every session refiner (frees the models and their embedding caches)."""
+    with _shared_lock:
+        _shared.clear()
+
+
 # --------------------------------------------------------------------------------------------
 # Volume refinement
 
