@@ -264,6 +264,8 @@ def test_resume_continues_from_saved_epoch(tmp_path):
     assert len(resumed.card["metrics"]["loss_history"]) == 3
     a, b = read_checkpoint(tmp_path / "straight.ckpt")[0], read_checkpoint(tmp_path / "run.ckpt")[0]
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a), "resume must reproduce the uninterrupted run"
+    done = pretrain(index, tmp_path / "copy.ckpt", config, resume=tmp_path / "run.ckpt")  # nothing left to do
+    assert done.history == [] and read_checkpoint(tmp_path / "copy.ckpt")[1]["training_state"]["epoch"] == 3
     with pytest.raises(ValueError, match="pretrained with"):
         pretrain(index, tmp_path / "other.ckpt", PretrainConfig(**{**config.__dict__, "method": "polycl-s"}),
                  resume=tmp_path / "run.ckpt")

@@ -413,9 +413,9 @@ def _pretrain(index: SliceIndex, output: Path, config: PretrainConfig, resume, p
         gathered = [None] * context.world_size
         dist.all_gather_object(gathered, checksum)
         in_sync = all(value == gathered[0] for value in gathered)
+    if start_epoch >= config.epochs:  # nothing left to train: write the resumed weights to the output
+        save(start_epoch)
     card = _card(config, index, max(start_epoch, config.epochs), losses, context, data_description, stats)
-    if start_epoch >= config.epochs:  # nothing to do: keep the file as it is
-        card = read_checkpoint(resume)[1]
     return PretrainResult(output, card, history, start_epoch, context.rank, context.world_size,
                           context.is_main, checksum, in_sync)
 
