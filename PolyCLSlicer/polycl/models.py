@@ -69,7 +69,8 @@ class UNetDecoder(nn.Module):
         self.upsample = nn.Upsample(scale_factor=2, mode="bilinear", align_corners=True)
         self.conv_last = nn.Conv2d(channels[0], out_channels, 1)
 
-    def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
+    def last_features(self, features: list[torch.Tensor]) -> torch.Tensor:
+        """The finest decoder feature map (before the 1x1 output conv; Pix2Rep's pixel features)."""
         x = features[-1]
         for level in range(self.levels, 0, -1):
             skip = features[level - 1]
@@ -77,7 +78,10 @@ class UNetDecoder(nn.Module):
             if x.shape[-2:] != skip.shape[-2:]:  # odd input sizes
                 x = nn.functional.interpolate(x, size=skip.shape[-2:], mode="bilinear", align_corners=True)
             x = getattr(self, f"dconv_up{level}")(torch.cat([x, skip], dim=1))
-        return self.conv_last(x)
+        return x
+
+    def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
+        return self.conv_last(self.last_features(features))
 
 
 class ProjectionHead(nn.Module):

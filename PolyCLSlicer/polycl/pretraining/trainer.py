@@ -99,18 +99,6 @@ class EmbeddingNet(nn.Module):
         return self.projection(self.encoder(x)[-1])
 
 
-def decoder_features(decoder: UNetDecoder, features: list[torch.Tensor]) -> torch.Tensor:
-    """The U-Net decoder's last feature map (before the 1x1 output convolution)."""
-    x = features[-1]
-    for level in range(decoder.levels, 0, -1):
-        skip = features[level - 1]
-        x = decoder.upsample(x)
-        if x.shape[-2:] != skip.shape[-2:]:
-            x = nn.functional.interpolate(x, size=skip.shape[-2:], mode="bilinear", align_corners=True)
-        x = getattr(decoder, f"dconv_up{level}")(torch.cat([x, skip], dim=1))
-    return x
-
-
 class PixelEmbeddingNet(nn.Module):
     """Whole U-Net + dense 1x1 projection (Pix2Rep): image -> pixel embeddings (B, D, S, S)."""
 
@@ -125,7 +113,7 @@ class PixelEmbeddingNet(nn.Module):
         decoder.conv_last.requires_grad_(False)  # unused by the pixel objective; stays as initialised
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.projection(decoder_features(self.decoder, self.encoder(x)))
+        return self.projection(self.decoder.last_features(self.encoder(x)))
 
 
 def build_pretraining_net(config: PretrainConfig) -> nn.Module:
