@@ -7,7 +7,6 @@ imports and runs under ``slicer-core`` (real MRML, no application) for batch use
 """
 
 import enum
-import hashlib
 import logging
 import os
 import sys
@@ -126,11 +125,10 @@ def registerSampleData() -> None:
 
 
 def sha256(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return f"SHA256:{digest.hexdigest()}"
+    """Checksum in Slicer's SampleData notation (``SHA256:<hex>``)."""
+    from polycl.samples import sha256_of
+
+    return f"SHA256:{sha256_of(Path(path))}"
 
 
 #

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import slicer
 import vtk
 from vtk.util import numpy_support
+
+from polycl.io import atomic_write
 
 LIVER_SEGMENT_NAME = "Liver"
 REVIEW_ATTRIBUTE = "PolyCL.Review"
@@ -298,19 +299,15 @@ def save_segmentation(segmentation_node: slicer.vtkMRMLSegmentationNode, path: s
     path = Path(path)
     if not path.name.lower().endswith(".seg.nrrd"):
         raise ValueError(f"{path}: segmentations are written as .seg.nrrd")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(prefix=".tmp-", suffix=".seg.nrrd", dir=path.parent)
-    os.close(handle)
     storage = slicer.vtkMRMLSegmentationStorageNode()
-    storage.SetFileName(temp)
     storage.SetUseCompression(True)
-    try:
+
+    def write(temp: Path) -> None:
+        storage.SetFileName(str(temp))
         if not storage.WriteData(segmentation_node):
             raise OSError(f"{path}: writing the segmentation failed")
-        os.replace(temp, path)
-    finally:
-        if os.path.exists(temp):
-            os.unlink(temp)
+
+    atomic_write(path, write, suffix=".seg.nrrd")
     return path
 
 

@@ -13,7 +13,6 @@ import datetime as _dt
 import json
 import os
 import pickle
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +20,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from .io import atomic_write
 from .models import SegmentationNet, build_model, convert_reference_state_dict
 
 FORMAT_NAME = "polycl-checkpoint"
@@ -50,24 +50,6 @@ def default_card(architecture: str = "polycl_unet", architecture_args: dict | No
     }
     card.update(extra)
     return card
-
-
-def atomic_write(path: Path, write: callable) -> Path:
-    """Call ``write(temp_path)`` then rename over ``path``: readers never see a partial file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(handle)
-    try:
-        write(Path(temp_name))
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(temp_name, 0o666 & ~umask)  # mkstemp creates 0600; give the file normal permissions
-        os.replace(temp_name, path)
-    finally:
-        if os.path.exists(temp_name):
-            os.unlink(temp_name)
-    return path
 
 
 def save_checkpoint(path: str | os.PathLike, state_dict: dict[str, torch.Tensor], card: dict,

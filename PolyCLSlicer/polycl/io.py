@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -111,6 +112,28 @@ def read_volume(path: str | os.PathLike) -> Volume:
     return Volume(array=array, ijk_to_ras=ijk_to_ras_from_image(image), source=str(path))
 
 
+def atomic_write(path: str | os.PathLike, write: Callable[[Path], object], suffix: str = ".tmp") -> Path:
+    """Call ``write(temp_path)`` beside ``path``, then rename it over ``path``.
+
+    Readers never see a partial file and a failed or interrupted write leaves the old file intact.
+    ``suffix`` is the temporary file's extension (writers that pick the format from it need it).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    os.close(handle)
+    try:
+        write(Path(temp_name))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(temp_name, 0o666 & ~umask)  # mkstemp creates 0600; give the file normal permissions
+        os.replace(temp_name, path)
+    finally:
+        if os.path.exists(temp_name):
+            os.unlink(temp_name)
+    return path
+
+
 def write_volume(path: str | os.PathLike, array: np.ndarray, ijk_to_ras: np.ndarray) -> Path:
     """Write an [i, j, k] array on the given grid; the file appears atomically (temp + rename)."""
     path = Path(path)
@@ -122,16 +145,8 @@ def write_volume(path: str | os.PathLike, array: np.ndarray, ijk_to_ras: np.ndar
     if array.dtype == bool:
         array = array.astype(np.uint8)
     image = image_from_array(array, ijk_to_ras)
-    path.parent.mkdir(parents=True, exist_ok=True)
     suffix = "".join(path.suffixes[-2:]) if path.name.endswith(".gz") else path.suffix
-    handle, temp_name = tempfile.mkstemp(suffix=suffix, prefix=".tmp-", dir=path.parent)
-    os.close(handle)
-    try:
-        sitk.WriteImage(image, temp_name, useCompression=True)
-        os.replace(temp_name, path)
-    finally:
-        if os.path.exists(temp_name):
-            os.unlink(temp_name)
+    atomic_write(path, lambda temp: sitk.WriteImage(image, str(temp), useCompression=True), suffix=suffix)
     return path
 
 

@@ -11,10 +11,11 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-import tempfile
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+
+from .io import atomic_write
 
 REPOSITORY_ROOT = Path(__file__).resolve().parents[2]
 DATA_ENV = "POLYCL_DATA"
@@ -93,19 +94,15 @@ def sha256_of(path: Path) -> str:
 
 def download(url: str, target: Path, sha256: str, timeout: float = 60.0) -> Path:
     """Download to ``target`` atomically; the file appears only when its checksum matches."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp_name = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
-    try:
-        with os.fdopen(handle, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as response:
+
+    def fetch(temp: Path) -> None:
+        with open(temp, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as response:
             shutil.copyfileobj(response, out)
-        actual = sha256_of(Path(temp_name))
+        actual = sha256_of(temp)
         if actual != sha256:
             raise ValueError(f"downloaded {url} has SHA256 {actual}, expected {sha256}; not kept")
-        os.replace(temp_name, target)
-    finally:
-        if os.path.exists(temp_name):
-            os.unlink(temp_name)
-    return target
+
+    return atomic_write(target, fetch)
 
 
 def fetch_sample(name: str = DEFAULT_SAMPLE, allow_download: bool = True) -> Path:

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..io import read_mask, read_volume
+from ..io import atomic_write, read_mask, read_volume
 from ..preprocessing import CanonicalOrientation, middle_slices, resize_slices, window
 from ..progress import CancelFlag, check_cancel
 
@@ -255,17 +255,6 @@ def cache_key(volume: Path, label: Path | None) -> str:
     return hashlib.sha1(payload.encode()).hexdigest()[:20]
 
 
-def _atomic_save(path: Path, save: Callable[[Path], None]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        save(temp)
-        os.replace(temp, path)
-    finally:
-        if temp.exists():
-            temp.unlink()
-
-
 def _save_npy(path: Path, array: np.ndarray) -> None:
     with open(path, "wb") as handle:
         np.save(handle, array)
@@ -325,9 +314,9 @@ def build_slice_index(paths: Iterable[str | os.PathLike], labels: str | os.PathL
         if record is None or (size is not None and images is None):
             record, images = _read_scan(volume, label, size)
             if write_cache:
-                _atomic_save(record_path, lambda p, r=record: p.write_text(json.dumps(r)))
+                atomic_write(record_path, lambda p, r=record: p.write_text(json.dumps(r)))
                 if images is not None:
-                    _atomic_save(images_path, lambda p, a=images: _save_npy(p, a))
+                    atomic_write(images_path, lambda p, a=images: _save_npy(p, a))
         name = case_name(volume)
         names_seen[name] = names_seen.get(name, 0) + 1
         if names_seen[name] > 1:
