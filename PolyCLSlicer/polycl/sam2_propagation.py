@@ -95,6 +95,7 @@ class SliceStep:
     confidence: float | None
     failed: str | None  # the first failing rule, or None
     kept: bool
+    seconds: float = 0.0  # model time for this slice
 
 
 @dataclass
@@ -378,15 +379,18 @@ def propagate_from_annotation(ct_array: np.ndarray, ijk_to_ras: np.ndarray, anno
         try:
             while True:
                 check_cancel(cancel, "propagation")
+                step_start = time.perf_counter()
                 try:
                     z, mask, confidence = next(stream) if first else stream.send(reply)
                 except StopIteration:
                     break
+                step_seconds = time.perf_counter() - step_start
                 first = False
                 done += 1
                 failed = judge(z, mask, confidence, previous)
                 step = SliceStep(array_slice_index(orientation, shape, z), array_slice_index(orientation, shape, seed),
-                                 run_direction, int(mask.sum()), confidence, failed, kept=failed is None)
+                                 run_direction, int(mask.sum()), confidence, failed, kept=failed is None,
+                                 seconds=step_seconds)
                 steps.append(step)
                 if failed is None:
                     for held_z, held_mask, held_step in pending:  # a transient failure: keep those slices
