@@ -152,7 +152,8 @@ def test_transient_failure_is_kept_and_low_confidence_fails():
     canonical = _canonical_truth(truth, matrix)
     gap = canonical.copy()
     gap[11] = False  # one vanished slice inside the organ: fewer than `patience` failures
-    result = sp.propagate_from_annotation(ct, matrix, _annotate(truth, 9), tracker=Oracle(gap), stop=AREA_ONLY)
+    result = sp.propagate_from_annotation(ct, matrix, _annotate(truth, 9), tracker=Oracle(gap), stop=AREA_ONLY,
+                                          progress=None)
     assert result.mask[:, :, 12:15].any() and not result.mask[:, :, 11].any()
     step = next(s for s in result.steps if s.index == 11)
     assert step.failed == "vanished" and step.kept

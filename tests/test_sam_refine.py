@@ -112,7 +112,8 @@ def test_refine_volume_structure_orientation_and_report(flip_k):
 def test_low_iou_falls_back_to_coarse_and_main_component_only():
     ct, coarse, matrix = _volume()
     coarse[28:31, 20:23, 2] = 1  # a stray blob not connected to the main component
-    result = sr.refine_volume(ct, matrix, coarse, BoxFiller(iou=0.2), margin=2, min_area=1, min_iou=0.5)
+    result = sr.refine_volume(ct, matrix, coarse, BoxFiller(iou=0.2), margin=2, min_area=1, min_iou=0.5,
+                              progress=None)
     np.testing.assert_array_equal(result.mask, coarse)
     assert sum(s.fallbacks for s in result.slices) == 4
     refined = sr.refine_volume(ct, matrix, coarse, BoxFiller(iou=0.9), margin=2, min_area=1, min_iou=0.5)

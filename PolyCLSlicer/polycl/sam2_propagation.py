@@ -305,7 +305,7 @@ def propagate_from_annotation(ct_array: np.ndarray, ijk_to_ras: np.ndarray, anno
                               stop: StopRules | None = None, guide_mask: np.ndarray | None = None,
                               margin: int = 2, device: str | torch.device = "auto", precision: str = "auto",
                               tracker: ChainTracker | Sam2Tracker | Any | None = None,
-                              progress: ProgressFn = no_progress,
+                              progress: ProgressFn | None = no_progress,
                               cancel: CancelFlag | None = None) -> PropagationResult:
     """Propagate a liver annotation on one (or a few) axial slices through the volume.
 
@@ -318,6 +318,7 @@ def propagate_from_annotation(ct_array: np.ndarray, ijk_to_ras: np.ndarray, anno
     ``tracker`` injects a ready engine (keeps a loaded model warm between calls).
     """
     start_time = time.perf_counter()
+    progress = progress or no_progress
     ct_array, annotation = np.asarray(ct_array), np.asarray(annotation_mask) > 0
     if ct_array.ndim != 3:
         raise ValueError(f"expected a 3D CT volume, got shape {ct_array.shape}")

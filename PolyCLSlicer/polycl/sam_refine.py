@@ -715,7 +715,7 @@ def canonical_slice_index(orientation: CanonicalOrientation, shape: Sequence[int
 def refine_volume(ct_array: np.ndarray, ijk_to_ras: np.ndarray, coarse_mask: np.ndarray, refiner: Refiner,
                   margin: int = 2, min_area: int = 20, per_component: bool = True, min_iou: float | None = 0.5,
                   main_component_only: bool = True, clip_to_box: bool = True, window_center: float = 40.0,
-                  window_width: float = 400.0, progress: ProgressFn = no_progress,
+                  window_width: float = 400.0, progress: ProgressFn | None = no_progress,
                   cancel: CancelFlag | None = None) -> RefinementResult:
     """Refine a coarse mask slice by slice with box prompts; returns the refined mask + disagreement report.
 
@@ -728,6 +728,7 @@ def refine_volume(ct_array: np.ndarray, ijk_to_ras: np.ndarray, coarse_mask: np.
     Slices without coarse foreground stay empty.
     """
     start_time = time.perf_counter()
+    progress = progress or no_progress
     ct_array, coarse_mask = np.asarray(ct_array), np.asarray(coarse_mask)
     if ct_array.shape != coarse_mask.shape:
         raise ValueError(f"coarse mask shape {coarse_mask.shape} differs from the CT's {ct_array.shape}")
