@@ -304,3 +304,21 @@ def test_refine_from_args_cli_hook(monkeypatch, capsys):
     np.testing.assert_array_equal(mask, coarse)  # box = bounds + 1 px, fake mask = box - 1 px
     assert "refined 4 slices" in capsys.readouterr().err
     assert cli_sam.refine_from_args(parser.parse_args([]), Volume(ct, matrix), coarse) is coarse
+
+
+def test_one_box_per_slice_option():
+    ct = np.zeros((30, 30, 3), np.int16)
+    coarse = np.zeros(ct.shape, np.uint8)
+    coarse[5:10, 5:10, 1] = 1
+    coarse[15:20, 15:20, 1] = 1
+    matrix = np.diag([1.0, 1.0, 1.0, 1.0])
+    per_slice = sr.refine_volume(ct, matrix, coarse, BoxFiller(), margin=1, min_area=1, per_component=False,
+                                 main_component_only=False, min_iou=None)
+    expected = np.zeros_like(coarse)
+    expected[5:20, 5:20, 1] = 1  # one box around both pieces (+1 margin, -1 fake shrink)
+    np.testing.assert_array_equal(per_slice.mask, expected)
+    assert per_slice.slices[0].boxes == 1
+    per_component = sr.refine_volume(ct, matrix, coarse, BoxFiller(), margin=1, min_area=1,
+                                     main_component_only=False, min_iou=None)
+    np.testing.assert_array_equal(per_component.mask, coarse)
+    assert per_component.slices[0].boxes == 2
