@@ -9,6 +9,6 @@ PYTHON=${PYTHON:-python3}
 .venv/bin/python -m pip install --quiet -r requirements.txt
 # sam2 is sdist-only; build it against the torch installed above (no isolated build env that
 # would fetch another torch). Its optional CUDA extension is skipped on CPU machines.
-.venv/bin/python -m pip install --quiet --no-build-isolation sam2==1.1.0
+SAM2_BUILD_CUDA=0 .venv/bin/python -m pip install --quiet --no-build-isolation sam2==1.1.0
 .venv/bin/python -m pip install --quiet --no-build-isolation -e .
 .venv/bin/python -c "import torch, polycl; print(f'polycl {polycl.__version__} installed with torch {torch.__version__}')"

@@ -88,6 +88,28 @@ def naive_per_slice(model: torch.nn.Module, slices: np.ndarray, size: int) -> fl
     return time.perf_counter() - started
 
 
+def compare_network_paths(label: str, model: torch.nn.Module, card: dict, slices: np.ndarray,
+                          peak32: float, peak16: float) -> None:
+    """Network alone on all slices: naive per-slice fp32 loop vs the shipped batched paths."""
+    size = card["input_size"]
+    flops = network_flops(model, size) * len(slices)
+    print(f"\n3. network alone, {label}: {len(slices)} slices ({flops / 1e9:.0f} GFLOP)")
+    naive = naive_per_slice(model, slices, size)
+    print(f"   naive eager per-slice fp32     {naive:6.2f} s  {flops / naive / 1e9:6.1f} GFLOP/s "
+          f"({flops / naive / 1e9 / peak32:4.0%} of fp32 peak)  baseline")
+    for precision, batch_size in (("fp32", 16), ("auto", 4), ("auto", 16)):
+        segmenter = Segmenter(model, card, device="cpu", precision=precision)
+        segmenter.predict_slices(slices[:batch_size], batch_size=batch_size)  # warm-up (oneDNN primitives)
+        started = time.perf_counter()
+        segmenter.predict_slices(slices, batch_size=batch_size)
+        seconds = time.perf_counter() - started
+        dtype = str(segmenter.autocast_dtype or torch.float32).removeprefix("torch.")
+        peak = peak16 if segmenter.autocast_dtype is not None else peak32
+        print(f"   batched {batch_size:2d} {precision:4s} ({dtype:8s})   {seconds:6.2f} s  "
+              f"{flops / seconds / 1e9:6.1f} GFLOP/s ({flops / seconds / 1e9 / peak:4.0%} of {dtype} peak)  "
+              f"{naive / seconds:4.2f}x vs naive")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=data_dir(), help="shared data folder")
@@ -120,26 +142,13 @@ def main() -> int:
         print(f"   {name:26s} {seconds:6.2f} s   peak RSS {rss:7.0f} MiB")
 
     model, card = load_checkpoint(checkpoint)
-    size = card["input_size"]
     slices = CanonicalOrientation.from_matrix(matrix).to_canonical(cut)
-    flops = network_flops(model, size) * len(slices)
-    print(f"\n2. network alone on {len(slices)} slices at {size}x{size} ({flops / 1e9:.0f} GFLOP)")
-    naive = naive_per_slice(model, slices, size)
-    print(f"   naive eager per-slice fp32   {naive:6.2f} s  {flops / naive / 1e9:6.1f} GFLOP/s  (baseline)")
-    results = {}
-    for precision in ("fp32", "auto"):
-        segmenter = Segmenter(model, card, device="cpu", precision=precision)
-        segmenter.predict_slices(slices[:16])  # warm-up (oneDNN primitive creation)
-        started = time.perf_counter()
-        segmenter.predict_slices(slices, batch_size=16)
-        results[precision] = time.perf_counter() - started
-        label = f"batched {precision}" + (f" ({segmenter.autocast_dtype})" if precision == "auto" else "")
-        print(f"   {label:28s} {results[precision]:6.2f} s  {flops / results[precision] / 1e9:6.1f} GFLOP/s"
-              f"  ({naive / results[precision]:.2f}x faster)")
     peak32, peak16 = matmul_peak(torch.float32), matmul_peak(torch.bfloat16)
-    print(f"\n3. matmul peak: fp32 {peak32:.0f} GFLOP/s, bf16 {peak16:.0f} GFLOP/s; "
-          f"shipped path reaches {flops / results['auto'] / 1e9 / peak16:.0%} of the bf16 peak, "
-          f"naive {flops / naive / 1e9 / peak32:.0%} of the fp32 peak")
+    print(f"\n2. matmul peak measured now: fp32 {peak32:.0f} GFLOP/s, bf16 {peak16:.0f} GFLOP/s")
+    paper_model = (build_model("polycl_unet").eval(), default_card(input_size=256))
+    for label, (net, net_card) in {"starter model, 128 px": (model, card),
+                                   "papers' 256 px U-Net (random weights, timing only)": paper_model}.items():
+        compare_network_paths(label, net, net_card, slices, peak32, peak16)
     return 0
 
 

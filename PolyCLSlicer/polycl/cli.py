@@ -197,7 +197,8 @@ def _add_segment(subparsers) -> None:
     parser.add_argument("-o", "--output", required=True, help="output mask file (.nii.gz, .nrrd, .seg.nrrd, .mha)")
     parser.add_argument("--checkpoint", help="PolyCL checkpoint (default: the bundled starter model)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="compute device")
-    parser.add_argument("--batch-size", type=int, default=16, help="slices per forward pass (default 16)")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="slices per forward pass (default: 4 on CPU, 16 on CUDA)")
     parser.add_argument("--reference", help="reference liver mask: print Dice / HD / HD95")
     parser.add_argument("--probability", help="also write the liver probability map to this file")
     parser.add_argument("--no-largest-component", action="store_true",
