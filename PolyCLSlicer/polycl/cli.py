@@ -280,6 +280,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
     args.argv = argv
+    previous_format = warnings.formatwarning
     warnings.formatwarning = lambda message, category, *rest: f"polycl: warning: {message}\n"
     try:
         return int(args.handler(args) or 0)
@@ -290,7 +291,8 @@ def main(argv: list[str] | None = None) -> int:
         message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         print(f"polycl: error: {message.strip(chr(39))}", file=sys.stderr)
         return EXIT_ERROR
-
+    finally:
+        warnings.formatwarning = previous_format
 
 if __name__ == "__main__":
     sys.exit(main())
