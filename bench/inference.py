@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -25,8 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "PolyCLSlicer"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import ROOT, machine  # noqa: E402  (also puts polycl on sys.path)
 
 from polycl.checkpoints import STARTER_CHECKPOINT, default_card, load_checkpoint, save_model  # noqa: E402
 from polycl.inference import Segmenter  # noqa: E402
@@ -34,19 +33,6 @@ from polycl.io import read_volume, write_volume  # noqa: E402
 from polycl.models import build_model  # noqa: E402
 from polycl.preprocessing import CanonicalOrientation, resize_slices, window  # noqa: E402
 from polycl.samples import data_dir  # noqa: E402
-
-
-def machine() -> str:
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return (f"{cpu}; {os.cpu_count()} logical cores; torch {torch.__version__} with {torch.get_num_threads()} "
-            f"threads; bf16 native: {torch.ops.mkldnn._is_mkldnn_bf16_supported()}; Python {platform.python_version()}")
 
 
 def run_cli(argv: list[str]) -> tuple[float, float]:
@@ -103,8 +89,8 @@ def compare_network_paths(label: str, model: torch.nn.Module, card: dict, slices
         started = time.perf_counter()
         segmenter.predict_slices(slices, batch_size=batch_size)
         seconds = time.perf_counter() - started
-        dtype = str(segmenter.autocast_dtype or torch.float32).removeprefix("torch.")
-        peak = peak16 if segmenter.autocast_dtype is not None else peak32
+        dtype = segmenter.precision
+        peak = peak16 if dtype == "bf16" else peak32
         print(f"   batched {batch_size:2d} {precision:4s} ({dtype:8s})   {seconds:6.2f} s  "
               f"{flops / seconds / 1e9:6.1f} GFLOP/s ({flops / seconds / 1e9 / peak:4.0%} of {dtype} peak)  "
               f"{naive / seconds:4.2f}x vs naive")

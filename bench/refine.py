@@ -19,9 +19,6 @@ Coarse masks: ``block`` = the reference block-downsampled to ``--block-mm`` in-p
 from __future__ import annotations
 
 import argparse
-import os
-import platform
-import resource
 import sys
 import time
 from pathlib import Path
@@ -29,40 +26,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "PolyCLSlicer"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import CASES, data_root, machine, peak_rss_mb  # noqa: E402  (also puts polycl on sys.path)
 
 from polycl import sam_refine as sr  # noqa: E402
 from polycl.io import read_mask, read_volume, voxel_spacing  # noqa: E402
 from polycl.metrics import dice  # noqa: E402
 from polycl.preprocessing import CanonicalOrientation  # noqa: E402
-
-CASES = ("totalseg_sm", "totalseg_dcm", "dcmqi_3slice")
-
-
-def machine() -> str:
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    load = os.getloadavg()
-    return (f"{cpu}; {os.cpu_count()} logical cores; torch {torch.__version__}, {torch.get_num_threads()} threads; "
-            f"bf16 native: {sr.cpu_supports_bf16()}; load average {load[0]:.1f} {load[1]:.1f} at start")
-
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-
-
-def data_root(arg: str | None) -> Path:
-    for candidate in (arg, os.environ.get("POLYCL_DATA"), ROOT.parent / "shared" / "data"):
-        if candidate and Path(candidate).is_dir():
-            return Path(candidate)
-    sys.exit("real CT data not found: pass --data or set POLYCL_DATA")
 
 
 def block_coarsen(mask: np.ndarray, ijk_to_ras: np.ndarray, block_mm: float) -> np.ndarray:

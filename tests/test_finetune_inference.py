@@ -10,8 +10,9 @@ import torch
 
 from conftest import oblique_matrix
 from polycl.checkpoints import default_card, load_checkpoint, save_model
+from polycl.devices import resolve_device
 from polycl.finetuning import FinetuneConfig, finetune, split_scans
-from polycl.inference import Segmenter, keep_largest_component, resolve_device
+from polycl.inference import Segmenter, keep_largest_component
 from polycl.io import Volume
 from polycl.models import build_model
 from polycl.preprocessing import CanonicalOrientation

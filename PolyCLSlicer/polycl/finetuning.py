@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from . import __version__
 from .checkpoints import default_card, load_pretrained_init, save_model
-from .inference import resolve_device
+from .devices import resolve_device
 from .io import Volume, check_same_grid
 from .models import build_model
 from .preprocessing import CanonicalOrientation, middle_slices, resize_slices, validate_ct, window

@@ -11,38 +11,10 @@ import torch
 from scipy import ndimage
 
 from .checkpoints import load_checkpoint
+from .devices import autocast_context, resolve_device, resolve_precision
 from .models import SegmentationNet
 from .preprocessing import CanonicalOrientation, resize_slices, validate_ct, window
 from .progress import CancelFlag, ProgressFn, check_cancel, no_progress
-
-
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """'auto' -> CUDA when available, else CPU; asking for CUDA without one is an error."""
-    name = str(device).lower()
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError("CUDA was requested but no CUDA GPU is available to PyTorch; use --device cpu")
-    if name not in ("cpu",) and not name.startswith(("cuda", "mps")):
-        raise ValueError(f"unknown device {device!r}; use auto, cpu or cuda")
-    return torch.device(name)
-
-
-def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
-    """Autocast dtype: 'auto' -> bfloat16 on CPUs with native bf16 (AVX512-BF16/AMX), float16 on CUDA."""
-    if precision == "fp32":
-        return None
-    if precision == "bf16":
-        return torch.bfloat16
-    if precision == "fp16":
-        return torch.float16
-    if precision != "auto":
-        raise ValueError(f"unknown precision {precision!r}; use auto, fp32, bf16 or fp16")
-    if device.type == "cuda":
-        return torch.float16
-    if device.type == "cpu" and torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported():
-        return torch.bfloat16
-    return None
 
 
 def keep_largest_component(mask: np.ndarray) -> np.ndarray:
@@ -70,7 +42,7 @@ class Segmenter:
     def __init__(self, model: SegmentationNet, card: dict, device: str | torch.device = "auto",
                  precision: str = "auto"):
         self.device = resolve_device(device)
-        self.autocast_dtype = resolve_precision(precision, self.device)
+        self.precision = resolve_precision(precision, self.device)
         self.model = model.to(self.device).eval()
         self.card = card
         self.input_size = int(card["input_size"])
@@ -99,8 +71,7 @@ class Segmenter:
                 check_cancel(cancel, "segmentation")
                 batch = torch.from_numpy(np.ascontiguousarray(slices[start:start + batch_size]))
                 batch = window(batch.to(self.device)[:, None], self.window["center"], self.window["width"])
-                with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
-                                    enabled=self.autocast_dtype is not None):
+                with autocast_context(self.device, self.precision):
                     logits = self.model(resize_slices(batch, self.input_size)).float()
                 logits = resize_slices(logits, (height, width))
                 out[start:start + batch_size] = torch.sigmoid(logits)[:, 0].float().cpu().numpy()

@@ -38,19 +38,17 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
-from .inference import resolve_device
+from .devices import autocast_context, resolve_device, resolve_precision
 from .io import voxel_spacing
 from .preprocessing import CanonicalOrientation, window
 from .progress import CancelFlag, ProgressFn, check_cancel, no_progress
 from .sam_refine import (
     Refiner,
     array_slice_index,
-    autocast_context,
     bf16_encoder,
     build_litemedsam,  # noqa: F401  (re-exported for callers building a ChainTracker)
     component_boxes,
     load_sam2_model,
-    resolve_precision,
     shared_refiner,
     slice_to_rgb,
 )

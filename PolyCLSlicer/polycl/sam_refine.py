@@ -17,7 +17,6 @@ the same slice again skips the encoder.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
 import threading
@@ -33,7 +32,8 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from .inference import keep_largest_component, resolve_device
+from .devices import autocast_context, resolve_device, resolve_precision
+from .inference import keep_largest_component
 from .preprocessing import CanonicalOrientation, window
 from .progress import CancelFlag, ProgressFn, check_cancel, no_progress
 
@@ -167,35 +167,6 @@ def _nbytes(value: Any) -> int:
     if isinstance(value, list | tuple):
         return sum(_nbytes(v) for v in value)
     return 64
-
-
-def cpu_supports_bf16() -> bool:
-    """Whether oneDNN has native bfloat16 kernels on this CPU (AVX512-BF16 / AMX)."""
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """'auto' -> 'bf16' where the hardware runs it natively, else 'fp32'."""
-    precision = precision.lower()
-    if precision not in ("auto", "fp32", "bf16"):
-        raise ValueError(f"unknown precision {precision!r}; use auto, fp32 or bf16")
-    if precision != "auto":
-        return precision
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    if device.type == "cpu":
-        return "bf16" if cpu_supports_bf16() else "fp32"
-    return "fp32"
-
-
-def autocast_context(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    """bf16 autocast for 'bf16', else a no-op context."""
-    if precision == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 def _to_float32(value: Any) -> Any:

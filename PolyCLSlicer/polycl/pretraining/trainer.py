@@ -30,7 +30,7 @@ from torch.utils.data import DistributedSampler
 
 from .. import __version__
 from ..checkpoints import atomic_write, default_card, read_checkpoint, save_checkpoint
-from ..inference import resolve_device
+from ..devices import resolve_device
 from ..models import ProjectionHead, SegmentationNet, UNetDecoder, build_model
 from ..progress import CancelFlag
 from ..training import BatchCallback, EpochCallback, EpochReport, fit, make_optimizer, seed_everything

@@ -1,0 +1,46 @@
+"""Shared by the bench scripts: machine description, peak memory, the data folder."""
+
+from __future__ import annotations
+
+import os
+import platform
+import resource
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "PolyCLSlicer"))
+
+from polycl.devices import cpu_supports_bf16  # noqa: E402
+
+CASES = ("totalseg_sm", "totalseg_dcm", "dcmqi_3slice")
+
+
+def machine() -> str:
+    """CPU model, cores, torch version and threads, bf16 support, current load."""
+    cpu = platform.processor() or "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    load = os.getloadavg()
+    return (f"{cpu}; {os.cpu_count()} logical cores; torch {torch.__version__}, {torch.get_num_threads()} threads; "
+            f"bf16 native: {cpu_supports_bf16()}; Python {platform.python_version()}; "
+            f"load average {load[0]:.1f} {load[1]:.1f} at start")
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def data_root(arg: str | os.PathLike | None = None) -> Path:
+    """--data, else $POLYCL_DATA, else ../shared/data; exits with a message when none exists."""
+    for candidate in (arg, os.environ.get("POLYCL_DATA"), ROOT.parent / "shared" / "data"):
+        if candidate and Path(candidate).is_dir():
+            return Path(candidate)
+    sys.exit("real CT data not found: pass --data or set POLYCL_DATA")
