@@ -75,19 +75,13 @@ def train_sets(held_out: str, budget: str, seed: int) -> list[str]:
     return others if budget == "all" else [others[seed % len(others)]]
 
 
-def mean_sd(values: list[float]) -> str:
+def mean_sd(values: list[float], decimals: int = 3) -> str:
+    """'mean ± sd' over the finite values, noting how many were empty (inf)."""
     finite = [v for v in values if math.isfinite(v)]
     if not finite:
         return "n/a"
-    text = f"{np.mean(finite):.3f} ± {np.std(finite, ddof=1) if len(finite) > 1 else 0.0:.3f}"
-    return text + (f" ({len(values) - len(finite)} empty)" if len(finite) < len(values) else "")
-
-
-def mean_sd_mm(values: list[float]) -> str:
-    finite = [v for v in values if math.isfinite(v)]
-    if not finite:
-        return "n/a"
-    text = f"{np.mean(finite):.1f} ± {np.std(finite, ddof=1) if len(finite) > 1 else 0.0:.1f}"
+    sd = np.std(finite, ddof=1) if len(finite) > 1 else 0.0
+    text = f"{np.mean(finite):.{decimals}f} ± {sd:.{decimals}f}"
     return text + (f" ({len(values) - len(finite)} empty)" if len(finite) < len(values) else "")
 
 
@@ -105,7 +99,7 @@ def make_table(rows: list[dict], inits: list[str], budgets: list[str], pretrain_
         cells = []
         for budget in budgets:
             chosen = [r for r in rows if r["init"] == name and r["budget"] == budget]
-            cells += [mean_sd([r["dice"] for r in chosen]), mean_sd_mm([r["hd95_mm"] for r in chosen])]
+            cells += [mean_sd([r["dice"] for r in chosen]), mean_sd([r["hd95_mm"] for r in chosen], decimals=1)]
             if name == "random":
                 cells.append("—")
                 continue

@@ -57,3 +57,14 @@ def oblique_matrix(spacing=(0.8, 1.1, 2.5), angles=(0.3, -0.2, 0.15), origin=(-1
     matrix[:3, :3] = rz @ ry @ rx @ np.diag(spacing)
     matrix[:3, 3] = origin
     return matrix
+
+
+@pytest.fixture(scope="module")
+def single_torch_thread():
+    """Small volumes: one thread is fastest and avoids spinning OpenMP threads on a shared 2-core machine."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

@@ -19,16 +19,6 @@ pytest.importorskip("slicer", reason="slicer-core is not installed")
 
 
 @pytest.fixture(scope="module")
-def single_torch_thread():
-    import torch
-
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-@pytest.fixture(scope="module")
 def batch_checkpoint(tmp_path_factory) -> Path:
     from PolyCLSlicerLib import core
     from test_slicer_logic import tiny_checkpoint

@@ -50,14 +50,8 @@ def oblique(array: np.ndarray, matrix: np.ndarray) -> tuple[np.ndarray, np.ndarr
 
 
 @pytest.fixture(scope="module", autouse=True)
-def single_torch_thread():
-    """Small volumes: one thread is fastest and avoids spinning OpenMP threads on a shared 2-core machine."""
-    import torch
-
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+def _one_torch_thread(single_torch_thread):
+    """Every test here runs with one torch thread."""
 
 
 @pytest.fixture(scope="session")
