@@ -88,6 +88,13 @@ def test_nan_volume(tmp_path, capsys, tiny_checkpoint):
                              "--checkpoint", str(tiny_checkpoint)])
     assert "NaN" in err
     assert not (tmp_path / "o.nii.gz").exists()
+    # NIfTI: ITK alone would read NaN as 0; the reader checks float NIfTI data itself.
+    import nibabel as nib
+
+    nib.save(nib.Nifti1Image(volume, np.eye(4)), tmp_path / "nan.nii.gz")
+    err = run_error(capsys, ["segment", str(tmp_path / "nan.nii.gz"), "-o", str(tmp_path / "o.nii.gz"),
+                             "--checkpoint", str(tiny_checkpoint)])
+    assert "NaN" in err
 
 
 def test_empty_volume(tmp_path, capsys, tiny_checkpoint):

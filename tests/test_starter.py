@@ -40,3 +40,19 @@ def test_cli_segment_uses_the_starter_by_default(labeled_case, data_dir, tmp_pat
 
     written = read_mask(output, ct)
     assert dice(written.array, reference.array) >= 0.8
+
+
+def test_reoriented_real_ct_gives_the_same_liver_in_world_space(labeled_case, tmp_path):
+    """A permuted + flipped LPS NRRD copy of a real CT segments to the same voxels in world space."""
+    from polycl.io import read_volume, write_volume
+    from polycl.preprocessing import CanonicalOrientation
+
+    ct, _ = labeled_case("totalseg_sm")
+    reindex = CanonicalOrientation((2, 0, 1), (True, False, True))
+    write_volume(tmp_path / "copy.nrrd", reindex.to_canonical(ct.array),
+                 reindex.canonical_matrix(ct.ijk_to_ras, ct.array.shape))
+    copy = read_volume(tmp_path / "copy.nrrd")
+    segmenter = Segmenter.from_checkpoint(None, device="cpu")
+    original = segmenter.segment(ct.array, ct.ijk_to_ras).mask
+    copied = segmenter.segment(copy.array, copy.ijk_to_ras).mask
+    np.testing.assert_array_equal(reindex.from_canonical(copied), original)

@@ -87,6 +87,16 @@ def _read_image(path: Path) -> sitk.Image:
     return sitk.ReadImage(str(path))
 
 
+def _check_nifti_finite(path: Path) -> None:
+    """ITK's NIfTI reader silently turns NaN into 0; read float NIfTI data with nibabel to catch it."""
+    import nibabel as nib
+
+    data = np.asanyarray(nib.load(str(path)).dataobj)
+    bad = int(np.count_nonzero(~np.isfinite(data)))
+    if bad:
+        raise VolumeReadError(f"{path}: {bad} voxels are NaN or infinite; fix or mask them first")
+
+
 def read_volume(path: str | os.PathLike) -> Volume:
     """Read a 3D scalar volume (file or DICOM series folder) as [i, j, k] array + IJK->RAS."""
     path = Path(path)
@@ -109,6 +119,8 @@ def read_volume(path: str | os.PathLike) -> Volume:
             f"{path}: is {image.GetDimension()}D with size {image.GetSize()}; a 3D CT volume is required"
         )
     array = np.transpose(sitk.GetArrayFromImage(image), (2, 1, 0))
+    if np.issubdtype(array.dtype, np.floating) and path.name.lower().endswith((".nii", ".nii.gz")):
+        _check_nifti_finite(path)
     return Volume(array=array, ijk_to_ras=ijk_to_ras_from_image(image), source=str(path))
 
 
