@@ -195,3 +195,25 @@ def test_sample_download_path_verifies_checksum(tmp_path, monkeypatch):
 def test_parser_lists_core_commands():
     commands = build_parser()._subparsers._group_actions[0].choices
     assert set(COMMANDS) <= set(commands)
+
+
+def test_finetune_from_a_checkpoint_keeps_its_architecture_and_size(tmp_path, capsys, tiny_checkpoint):
+    from polycl.checkpoints import read_checkpoint
+
+    rng = np.random.default_rng(0)
+    for case in ("a", "b"):
+        ct = rng.integers(-1000, 400, size=(24, 24, 4)).astype(np.int16)
+        mask = np.zeros((24, 24, 4), np.uint8)
+        mask[6:16, 6:16] = 1
+        write_volume(tmp_path / f"{case}_ct.nii.gz", ct, np.eye(4))
+        write_volume(tmp_path / f"{case}_liver.nii.gz", mask, np.eye(4))
+    output = tmp_path / "tuned.safetensors"
+    assert main(["finetune", "--images", str(tmp_path / "a_ct.nii.gz"), str(tmp_path / "b_ct.nii.gz"),
+                 "--labels", str(tmp_path / "a_liver.nii.gz"), str(tmp_path / "b_liver.nii.gz"),
+                 "--init", str(tiny_checkpoint), "-o", str(output), "--epochs", "1", "--device", "cpu"]) == 0
+    _, card = read_checkpoint(output)
+    _, init_card = read_checkpoint(tiny_checkpoint)
+    assert card["input_size"] == 32 and card["architecture_args"] == init_card["architecture_args"]
+    assert card["recipe"]["command"].startswith("polycl finetune") and "--init" in card["recipe"]["command"]
+    assert main(["finetune", "--images", str(tmp_path / "a_ct.nii.gz"), "--labels", str(tmp_path / "a_liver.nii.gz"),
+                 "--init", str(tiny_checkpoint), "-o", str(output), "--epochs", "1"]) != 0  # exists: refused

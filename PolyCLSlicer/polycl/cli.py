@@ -119,6 +119,21 @@ def pair_images_and_labels(images: list[str], labels: list[str]) -> list[tuple[P
     return list(zip(image_files, label_files, strict=True))
 
 
+def _model_settings(args: argparse.Namespace) -> tuple[str, dict, int]:
+    """Architecture, its args and input size: given options first, else the --init card's, else defaults."""
+    card = {}
+    if args.init:
+        from .checkpoints import read_checkpoint
+
+        card = read_checkpoint(args.init)[1]
+    architecture = args.architecture or card.get("architecture", "polycl_unet")
+    architecture_args = dict(card.get("architecture_args", {})) if architecture == card.get("architecture") else {}
+    if args.dropout is not None:
+        architecture_args["dropout"] = args.dropout
+    size = args.size or int(card.get("input_size", 256))
+    return architecture, architecture_args, size
+
+
 def command_finetune(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
@@ -131,11 +146,11 @@ def command_finetune(args: argparse.Namespace) -> int:
     for image_path, label_path in pair_images_and_labels(args.images, args.labels):
         volume = read_volume(image_path)
         pairs.append((volume, read_mask(label_path, volume)))
+    architecture, architecture_args, size = _model_settings(args)
     config = FinetuneConfig(
-        architecture=args.architecture, input_size=args.size, epochs=args.epochs, batch_size=args.batch_size,
-        lr=args.lr, val_fraction=args.val_fraction, middle_fraction=args.middle_fraction,
-        augment=not args.no_augment, seed=args.seed, device=args.device,
-        architecture_args={"dropout": args.dropout} if args.architecture == "polycl_unet" else {},
+        architecture=architecture, architecture_args=architecture_args, input_size=size, epochs=args.epochs,
+        batch_size=args.batch_size, lr=args.lr, val_fraction=args.val_fraction,
+        middle_fraction=args.middle_fraction, augment=not args.no_augment, seed=args.seed, device=args.device,
     )
     bar = tqdm(total=args.epochs, desc="finetune", unit="epoch", file=sys.stderr)
 
@@ -223,12 +238,15 @@ def _add_finetune(subparsers) -> None:
                         help="liver masks (paired by case name, e.g. case_ct <-> case_liver, else in order)")
     parser.add_argument("-o", "--output", required=True, help="output checkpoint (.safetensors)")
     parser.add_argument("--init", help="initial checkpoint: pretrained encoder or a segmentation model")
-    parser.add_argument("--architecture", default="polycl_unet", choices=["polycl_unet", "resunet"])
+    parser.add_argument("--architecture", choices=["polycl_unet", "resunet"],
+                        help="network (default: the --init checkpoint's, else polycl_unet)")
     parser.add_argument("--epochs", type=int, default=100)
     parser.add_argument("--batch-size", type=int, default=10)
     parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--size", type=int, default=256, help="model input size in pixels (default 256)")
-    parser.add_argument("--dropout", type=float, default=0.25, help="dropout in each U-Net block")
+    parser.add_argument("--size", type=int, help="model input size in pixels (default: the --init checkpoint's, "
+                        "else 256)")
+    parser.add_argument("--dropout", type=float,
+                        help="dropout in each block (default: the --init checkpoint's, else 0.25 for polycl_unet)")
     parser.add_argument("--val-fraction", type=float, default=0.2,
                         help="fraction of scans held out for validation (0: keep the best training loss)")
     parser.add_argument("--middle-fraction", type=float, default=None,
@@ -293,6 +311,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_ERROR
     finally:
         warnings.formatwarning = previous_format
+
 
 if __name__ == "__main__":
     sys.exit(main())
