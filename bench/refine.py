@@ -77,7 +77,7 @@ def micro(ct, reference, ijk_to_ras, count: int) -> None:
                 masks[label] = refiner.decode(embedding, boxes)[0].any(0)
             decoder = time.perf_counter() - start
             rows[label].append((encoder, decoder, len(boxes)))
-        agreement.append(sr.dice_2d(masks["naive"], masks["optimised"]))
+        agreement.append(dice(masks["naive"], masks["optimised"]))
     print(f"\n1. per liver slice, totalseg_dcm 512x512, {len(picked)} slices, "
           f"{sum(r[2] for r in rows['naive'])} boxes (interleaved naive / optimised)")
     print(f"   {'path':<10} {'encoder s':>10} {'decoder s/box':>14} {'slice s':>8}")

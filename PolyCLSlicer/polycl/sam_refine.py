@@ -34,6 +34,7 @@ from scipy import ndimage
 
 from .devices import autocast_context, resolve_device, resolve_precision
 from .inference import keep_largest_component
+from .metrics import dice
 from .preprocessing import CanonicalOrientation, window
 from .progress import CancelFlag, ProgressFn, check_cancel, no_progress
 
@@ -94,13 +95,6 @@ def slice_to_rgb(hu_slice: np.ndarray, center: float = 40.0, width: float = 400.
     """CT slice in HU -> windowed uint8 RGB (H, W, 3), the image format SAM models expect."""
     gray = np.rint(window(hu_slice, center, width) * 255.0).astype(np.uint8)
     return np.ascontiguousarray(np.repeat(gray[:, :, None], 3, axis=2))
-
-
-def dice_2d(a: np.ndarray, b: np.ndarray) -> float:
-    """Dice of two 2D masks (1.0 when both are empty)."""
-    a, b = np.asarray(a) > 0, np.asarray(b) > 0
-    total = int(a.sum()) + int(b.sum())
-    return 1.0 if total == 0 else 2.0 * int(np.logical_and(a, b).sum()) / total
 
 
 # --------------------------------------------------------------------------------------------
@@ -748,7 +742,7 @@ def refine_volume(ct_array: np.ndarray, ijk_to_ras: np.ndarray, coarse_mask: np.
         index = array_slice_index(orientation, shape, z)
         boxes, fallbacks, ious = reports.get(z, (0, 0, []))
         slices.append(SliceReport(
-            index=index, axis=orientation.slice_axis, dice=dice_2d(coarse[z], refined[z]),
+            index=index, axis=orientation.slice_axis, dice=dice(coarse[z], refined[z]),
             coarse_pixels=int(coarse[z].sum()), refined_pixels=int(refined[z].sum()), boxes=boxes,
             fallbacks=fallbacks, mean_iou=float(np.mean(ious)) if ious else None,
             center_ras=slice_center_ras(ijk_to_ras, shape, orientation.slice_axis, index)))
