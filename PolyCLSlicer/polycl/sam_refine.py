@@ -685,7 +685,7 @@ def refine_volume(ct_array: np.ndarray, ijk_to_ras: np.ndarray, coarse_mask: np.
     """Refine a coarse mask slice by slice with box prompts; returns the refined mask + disagreement report.
 
     For each axial slice with coarse foreground, one box per connected component (>= ``min_area``
-    pixels, or one box around the largest when ``per_component`` is False) grown by ``margin``
+    pixels, or one box around all of the slice's pieces when ``per_component`` is False) grown by ``margin``
     pixels prompts the refiner; SAM's mask (clipped to its box) replaces the coarse mask in that
     slice.  When SAM's predicted IoU is below ``min_iou`` (or its mask is empty) that component keeps
     its coarse pixels.  With ``main_component_only``, only the largest 3D component is refined; other
@@ -711,9 +711,10 @@ def refine_volume(ct_array: np.ndarray, ijk_to_ras: np.ndarray, coarse_mask: np.
         chunk = todo[done:done + batch]
         embeddings = refiner.embed([slice_to_rgb(ct[z], window_center, window_width) for z in chunk])
         for z, embedding in zip(chunk, embeddings, strict=True):
-            boxes, labels = component_boxes(target[z], margin, min_area, largest_only=not per_component)
-            if not per_component and len(boxes):
-                labels = (target[z] > 0).astype(labels.dtype)  # the one box covers every piece
+            if per_component:
+                boxes, labels = component_boxes(target[z], margin, min_area)
+            else:  # one box around every piece (todo slices always have foreground)
+                labels = target[z].astype(np.int32)
                 rows, cols = np.nonzero(target[z])
                 height, width = target[z].shape
                 boxes = np.array([[max(cols.min() - margin, 0), max(rows.min() - margin, 0),
