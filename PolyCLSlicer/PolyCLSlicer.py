@@ -749,8 +749,7 @@ class PolyCLSlicerLogic(ScriptedLoadableModuleLogic):
                 targetId = segmentationNode.GetSegmentation().AddEmptySegment("", name)
                 mrml.set_liver_terminology(segmentationNode.GetSegmentation().GetSegment(targetId))
             mrml.write_segment_mask(segmentationNode, targetId, output.mask, matrix)
-            report = self._report(segmentationNode, targetId, output.mask, matrix, mrml.axial_axis(matrix), started,
-                                  [], [])
+            report = self._report(segmentationNode, targetId, output.mask, matrix, output.axis, started, [], [])
             report.notes = [f"engine: {output.engine}", *output.stops]
             return report
 

@@ -241,11 +241,12 @@ def disagreement_rows(result: Any) -> list[dict]:
 
 @dataclass
 class PropagateOutput:
-    """Propagated mask on the input grid and why each direction stopped."""
+    """Propagated mask on the input grid, why each direction stopped, and the axial array axis."""
 
     mask: np.ndarray
     stops: list[str]
     engine: str
+    axis: int
 
 
 def propagate(models: ModelCache, array: np.ndarray, matrix: np.ndarray, annotation: np.ndarray,
@@ -255,6 +256,7 @@ def propagate(models: ModelCache, array: np.ndarray, matrix: np.ndarray, annotat
               cancel: threading.Event | None = None) -> PropagateOutput:
     """One annotated slice -> volume: SAM 2 when a checkpoint is configured, else LiteMedSAM box chaining."""
     from polycl import sam2_propagation
+    from polycl.preprocessing import axial_axis
 
     if engine not in PROPAGATION_ENGINES:
         raise ValueError(f"unknown propagation engine {engine!r}; use one of {', '.join(PROPAGATION_ENGINES)}")
@@ -271,7 +273,8 @@ def propagate(models: ModelCache, array: np.ndarray, matrix: np.ndarray, annotat
         array, matrix, annotation, engine=engine, direction=direction, bounds=bounds,
         guide_mask=guide if guide is not None and np.any(guide) else None, device=device, tracker=tracker,
         progress=progress, cancel=cancel)
-    return PropagateOutput(np.asarray(result.mask, np.uint8), list(result.stops), str(result.engine))
+    return PropagateOutput(np.asarray(result.mask, np.uint8), list(result.stops), str(result.engine),
+                           axial_axis(matrix))
 
 
 def finetune(
