@@ -35,28 +35,21 @@ def add_refine_arguments(parser: argparse.ArgumentParser) -> None:
                        help="encoder precision (auto: bf16 where the CPU/GPU runs it natively)")
 
 
-def _progress(description: str):
-    try:
-        from .cli import _tqdm_progress
-    except ImportError:  # pragma: no cover - cli is optional for this module
-        return (lambda fraction, message: None), (lambda: None)
-    return _tqdm_progress(description)
-
-
 def refine_from_args(args: argparse.Namespace, volume: Volume, mask: np.ndarray) -> np.ndarray:
     """Apply ``--refine ...`` to a coarse mask; prints the slices to check; returns the refined mask."""
+    from .cli import _tqdm_progress
     from .sam_refine import build_refiner, refine_volume
 
     name = getattr(args, "refine", "none")
     if name in (None, "none"):
         return mask
-    checkpoint = args.sam2_checkpoint if name == "sam2" else getattr(args, "sam_checkpoint", None)
-    if name == "sam2" and checkpoint is None and getattr(args, "sam_checkpoint", None):
-        checkpoint = args.sam_checkpoint
+    checkpoint = getattr(args, "sam_checkpoint", None)  # sam2 falls back to --sam-checkpoint
+    if name == "sam2" and args.sam2_checkpoint is not None:
+        checkpoint = args.sam2_checkpoint
     refiner = build_refiner(name, checkpoint=checkpoint, model_type=getattr(args, "sam_model", None),
                             config=getattr(args, "sam2_config", None), device=getattr(args, "device", "auto"),
                             precision=getattr(args, "refine_precision", "auto"))
-    progress, close = _progress(f"refine ({refiner.name})")
+    progress, close = _tqdm_progress(f"refine ({refiner.name})")
     try:
         min_iou = getattr(args, "refine_min_iou", 0.5)
         result = refine_volume(volume.array, volume.ijk_to_ras, mask, refiner,
@@ -78,7 +71,7 @@ def refine_from_args(args: argparse.Namespace, volume: Volume, mask: np.ndarray)
 
 def command_propagate(args: argparse.Namespace) -> int:
     """``polycl propagate``: one annotated slice -> volume mask."""
-    from .cli import CliError, _check_output
+    from .cli import _check_output, _tqdm_progress
     from .io import read_mask, read_volume, write_mask
     from .sam2_propagation import StopRules, propagate_from_annotation
 
@@ -87,9 +80,7 @@ def command_propagate(args: argparse.Namespace) -> int:
     volume = read_volume(args.input)
     annotation = read_mask(args.annotation, volume)
     guide = read_mask(args.guide, volume).array if args.guide else None
-    if args.bounds is not None and len(args.bounds) != 2:
-        raise CliError("--bounds takes two slice indices: FIRST LAST")
-    progress, close = _progress(f"propagate ({args.engine})")
+    progress, close = _tqdm_progress(f"propagate ({args.engine})")
     try:
         result = propagate_from_annotation(
             volume.array, volume.ijk_to_ras, annotation.array, engine=args.engine,
