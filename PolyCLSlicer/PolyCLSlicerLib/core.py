@@ -264,8 +264,6 @@ def propagate(models: ModelCache, array: np.ndarray, matrix: np.ndarray, annotat
         raise ValueError(f"unknown direction {direction!r}; use one of {', '.join(DIRECTIONS)}")
     if engine == "auto":
         engine = "sam2" if sam2_checkpoint else "litemedsam"
-    if not np.any(annotation):
-        raise ValueError("the annotation segment is empty; paint the liver on one axial slice first")
     progress = progress or (lambda f, m: None)
     progress(0.0, f"loading {engine}")
     tracker = models.tracker(engine, None if sam2_checkpoint is None else str(sam2_checkpoint), sam2_config, device)
