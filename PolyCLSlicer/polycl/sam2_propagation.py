@@ -47,6 +47,7 @@ from .sam_refine import (
     array_slice_index,
     bf16_encoder,
     build_litemedsam,  # noqa: F401  (re-exported for callers building a ChainTracker)
+    canonical_slice_index,
     component_boxes,
     load_sam2_model,
     shared_refiner,
@@ -337,7 +338,7 @@ def propagate_from_annotation(ct_array: np.ndarray, ijk_to_ras: np.ndarray, anno
     def to_canonical(index: int, what: str) -> int:
         if not -count <= index < count:
             raise ValueError(f"{what} {index} is outside the volume's {count} axial slices")
-        return array_slice_index(orientation, shape, index % count)
+        return canonical_slice_index(orientation, shape, index % count)
 
     annotated = [int(z) for z in np.flatnonzero(seeds_mask.reshape(count, -1).any(1))]
     if seed_slice is not None:
@@ -371,7 +372,8 @@ def propagate_from_annotation(ct_array: np.ndarray, ijk_to_ras: np.ndarray, anno
         judge = _SliceJudge(rules, ct, seed, seeds_mask[seed], pixel_mm, guide)
         stream = tracker.track(ct, seed, seeds_mask[seed], order)
         previous, pending, reply, first = seeds_mask[seed], [], None, True
-        reason = f"seed {array_slice_index(orientation, shape, seed)} {run_direction}: reached "
+        seed_index = array_slice_index(orientation, shape, seed)
+        reason = f"seed {seed_index} {run_direction}: reached "
         reason += "the next seed's region" if len(annotated) > 1 and (
             (run_direction == "up" and seed != annotated[-1]) or (run_direction == "down" and seed != annotated[0])
         ) else ("the bounds" if bounds is not None else "the end of the volume")
@@ -387,9 +389,8 @@ def propagate_from_annotation(ct_array: np.ndarray, ijk_to_ras: np.ndarray, anno
                 first = False
                 done += 1
                 failed = judge(z, mask, confidence, previous)
-                step = SliceStep(array_slice_index(orientation, shape, z), array_slice_index(orientation, shape, seed),
-                                 run_direction, int(mask.sum()), confidence, failed, kept=failed is None,
-                                 seconds=step_seconds)
+                step = SliceStep(array_slice_index(orientation, shape, z), seed_index, run_direction, int(mask.sum()),
+                                 confidence, failed, kept=failed is None, seconds=step_seconds)
                 steps.append(step)
                 if failed is None:
                     for held_z, held_mask, held_step in pending:  # a transient failure: keep those slices
