@@ -123,7 +123,11 @@ def add_volume_node(
 
 
 def axial_axis(matrix: np.ndarray) -> int:
-    """Array axis closest to the patient's inferior-superior axis."""
+    """Array axis closest to the patient's inferior-superior axis (torch-free: usable before install).
+
+    The engine's rule (``polycl.preprocessing.axial_axis``, a best whole-axis permutation) can pick
+    another axis for strongly oblique volumes; results of computations carry that axis instead.
+    """
     directions = np.asarray(matrix, float)[:3, :3]
     directions = directions / np.linalg.norm(directions, axis=0, keepdims=True)
     return int(np.argmax(np.abs(directions[2])))
