@@ -37,6 +37,7 @@ from polycl.devices import autocast_context  # noqa: E402
 from polycl.io import read_mask, read_volume  # noqa: E402
 from polycl.metrics import dice  # noqa: E402
 from polycl.preprocessing import CanonicalOrientation  # noqa: E402
+from polycl.sam_refine import array_slice_index, canonical_slice_index  # noqa: E402
 
 NEVER_STOP = sp.StopRules(patience=10**6, min_area_fraction=0.0, min_confidence=0.0, max_median_shift_hu=1e9,
                           min_intensity_fraction=0.0, min_containment=0.0)
@@ -51,6 +52,12 @@ def middle_annotation(reference: np.ndarray, ijk_to_ras: np.ndarray) -> tuple[np
     annotation = np.zeros_like(moved)
     annotation[middle] = moved[middle]
     return np.moveaxis(annotation, 0, axis).astype(np.uint8), middle
+
+
+def superior_slice(ijk_to_ras: np.ndarray, shape: tuple[int, ...], index: int, steps: int) -> int:
+    """Array slice index ``steps`` slices superior of array slice ``index`` (whichever way the axis runs)."""
+    orientation = CanonicalOrientation.from_matrix(ijk_to_ras)
+    return array_slice_index(orientation, shape, canonical_slice_index(orientation, shape, index) + steps)
 
 
 def sam2_timing(root: Path, frames: int) -> None:
@@ -81,8 +88,9 @@ def sam2_timing(root: Path, frames: int) -> None:
                     encoder[label].append(time.perf_counter() - start)
     for label, tracker in trackers.items():
         start = time.perf_counter()
+        top = superior_slice(ct.ijk_to_ras, ct.array.shape, middle, frames)
         result = sp.propagate_from_annotation(ct.array, ct.ijk_to_ras, annotation, tracker=tracker, direction="up",
-                                              bounds=(middle, middle + frames), stop=NEVER_STOP)
+                                              bounds=(middle, top), stop=NEVER_STOP)
         elapsed = time.perf_counter() - start
         per_frame[label].append(elapsed / (frames + 1))  # the seed frame is encoded too
         assert len(result.steps) == frames
