@@ -17,6 +17,7 @@ import slicer
 import vtk
 from vtk.util import numpy_support
 
+from polycl import geometry
 from polycl.io import atomic_write
 
 LIVER_SEGMENT_NAME = "Liver"
@@ -123,14 +124,9 @@ def add_volume_node(
 
 
 def axial_axis(matrix: np.ndarray) -> int:
-    """Array axis closest to the patient's inferior-superior axis (torch-free: usable before install).
-
-    The engine's rule (``polycl.preprocessing.axial_axis``, a best whole-axis permutation) can pick
-    another axis for strongly oblique volumes; results of computations carry that axis instead.
-    """
-    directions = np.asarray(matrix, float)[:3, :3]
-    directions = directions / np.linalg.norm(directions, axis=0, keepdims=True)
-    return int(np.argmax(np.abs(directions[2])))
+    """Array axis closest to the patient's inferior-superior axis: the engine's own rule
+    (``polycl.geometry`` is numpy-only, so this works before torch is installed)."""
+    return geometry.axial_axis(matrix)
 
 
 def check_no_transform(node: slicer.vtkMRMLNode) -> None:
