@@ -37,6 +37,7 @@ from .inference import keep_largest_component
 from .metrics import dice
 from .preprocessing import CanonicalOrientation, window
 from .progress import CancelFlag, ProgressFn, check_cancel, no_progress
+from .samples import sha256_of
 
 REFINERS = ("litemedsam", "sam", "sam2")
 SAM_MODEL_TYPES = ("vit_b", "vit_l", "vit_h")
@@ -397,13 +398,10 @@ def file_sha256(path: str | os.PathLike) -> str:
     with _sha_lock:
         if key in _sha_cache:
             return _sha_cache[key]
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
+    digest = sha256_of(path)
     with _sha_lock:
-        _sha_cache[key] = digest.hexdigest()
-    return _sha_cache[key]
+        _sha_cache[key] = digest
+    return digest
 
 
 def _require_file(path: str | os.PathLike | None, what: str, option: str) -> Path:
