@@ -25,6 +25,10 @@ MODULE_DIR = Path(__file__).resolve().parent
 if str(MODULE_DIR) not in sys.path:  # PolyCLSlicerLib and polycl live beside this file
     sys.path.insert(0, str(MODULE_DIR))
 
+from PolyCLSlicerLib.dependencies import check_slicer_version  # noqa: E402
+
+check_slicer_version()  # Slicer < 5.10 (Python 3.9): refuse with a clear message before anything fails
+
 from PolyCLSlicerLib import core, dependencies, mrml  # noqa: E402
 from PolyCLSlicerLib.tasks import BackgroundTask, Task  # noqa: E402
 
@@ -338,19 +342,16 @@ class PolyCLSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             slicer.modules.markups.logic().JumpSlicesToLocation(*self._reviewRows[row]["ras"], True)
 
     # ------------------------------------------------------------------------------------ actions
-    def _ensureDependencies(self, refiner: str = "none", engine: str | None = None) -> bool:
+    def _ensureDependencies(self, refiner: str = "none", engine: str | None = None, statusLabel: Any = None) -> bool:
+        """True when the packages are there (installed after one consent); a decline is a cancel, not an error."""
         needed = dependencies.missing(refiner, engine)
         if not needed:
             return True
-        if dependencies.slicer_version() < (5, 12) and not slicer.util.confirmOkCancelDisplay(
-            "PolyCL needs these Python packages, which are not installed yet:\n\n"
-            + "\n".join(needed)
-            + "\n\nInstall them now? This can take several minutes and needs an internet connection."
-        ):
-            return False
-        with slicer.util.tryWithErrorDisplay("Installing Python packages failed.", waitCursor=True):
-            dependencies.install(needed)
-        return not dependencies.missing(refiner, engine)
+        with slicer.util.tryWithErrorDisplay("Installing Python packages failed."):
+            if dependencies.ensure(needed):
+                return True
+            (statusLabel or self.ui.statusLabel).text = "Cancelled: the Python packages were not installed."
+        return False
 
     def onApplyButton(self) -> None:
         if self._job is not None:
@@ -441,7 +442,7 @@ class PolyCLSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._job.runner.request_cancel()
             return
         p = self._parameterNode
-        if not self._ensureDependencies():
+        if not self._ensureDependencies(statusLabel=self.ui.finetuneStatusLabel):
             return
         with slicer.util.tryWithErrorDisplay("Cannot start finetuning.", waitCursor=True):
             if p.finetuneAllVolumes:

