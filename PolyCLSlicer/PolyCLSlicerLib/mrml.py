@@ -27,7 +27,11 @@ ANATOMIC_CONTEXT = "Anatomic codes - DICOM master list"
 
 
 class GeometryError(ValueError):
-    """Nodes whose geometry cannot be used as given (transforms, empty images)."""
+    """Nodes whose geometry cannot be used as given (transforms, empty images, no labelmap)."""
+
+
+def binary_labelmap_name() -> str:
+    return slicer.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName()
 
 
 # ----------------------------------------------------------------------------------------- scene
@@ -141,6 +145,8 @@ def check_no_transform(node: slicer.vtkMRMLNode) -> None:
 # -------------------------------------------------------------------------------------- segments
 def oriented_image(mask: np.ndarray, matrix: np.ndarray) -> slicer.vtkOrientedImageData:
     """Binary ``[i, j, k]`` mask as a uint8 vtkOrientedImageData on the given grid."""
+    if np.ndim(mask) != 3:
+        raise GeometryError(f"a segment mask must be a 3-D [i, j, k] array, got shape {np.shape(mask)}")
     image = slicer.vtkOrientedImageData()
     _fill_image(image, (np.asarray(mask) > 0).astype(np.uint8))
     image.SetImageToWorldMatrix(array_to_matrix(matrix))
@@ -186,6 +192,13 @@ def write_segment_mask(
     ensure_segmentation_support()
     check_no_transform(segmentation_node)
     segmentation = segmentation_node.GetSegmentation()
+    source = segmentation.GetSourceRepresentationName()
+    if source != binary_labelmap_name():
+        raise GeometryError(
+            f"{segmentation_node.GetName()!r} stores its segments as {source.lower()}, PolyCL writes labelmaps: "
+            "choose another output segmentation, or make 'Binary labelmap' its source representation "
+            "(Segmentations module, Representations)"
+        )
     layer = segmentation.GetLayerIndex(segment_id)
     if layer >= 0 and len(segmentation.GetSegmentIDsForLayer(layer)) > 1:
         segmentation.SeparateSegmentLabelmap(segment_id)  # never touch segments sharing its layer
@@ -207,8 +220,7 @@ def segment_mask(
     if segmentation_node.GetSegmentation().GetSegment(segment_id) is None:
         raise KeyError(f"segment {segment_id!r} not in {segmentation_node.GetName()!r}")
     dims = volume_node.GetImageData().GetDimensions()
-    labelmap = slicer.vtkOrientedImageData()
-    segmentation_node.GetBinaryLabelmapRepresentation(segment_id, labelmap)
+    labelmap = _binary_labelmap(segmentation_node, segment_id)
     extent = labelmap.GetExtent()
     if labelmap.GetPointData().GetScalars() is None or extent[1] < extent[0]:
         return np.zeros(dims, np.uint8)
@@ -220,6 +232,23 @@ def segment_mask(
         labelmap, reference, resampled, False, True
     )
     return (_padded_to(resampled, dims) > 0).astype(np.uint8)
+
+
+def _binary_labelmap(segmentation_node: slicer.vtkMRMLSegmentationNode, segment_id: str) -> slicer.vtkOrientedImageData:
+    """A segment's binary labelmap; segmentations stored as closed surfaces (etc.) get it as a derived
+    representation first, as Slicer's slice views do (the source representation is unchanged)."""
+    segmentation = segmentation_node.GetSegmentation()
+    labelmap = slicer.vtkOrientedImageData()
+    if not (
+        (segmentation.ContainsRepresentation(binary_labelmap_name())
+         or segmentation.CreateRepresentation(binary_labelmap_name()))
+        and segmentation_node.GetBinaryLabelmapRepresentation(segment_id, labelmap)
+    ):
+        raise GeometryError(
+            f"segment {segment_id!r} of {segmentation_node.GetName()!r} has no binary labelmap and "
+            f"cannot be converted to one from its {segmentation.GetSourceRepresentationName().lower()}"
+        )
+    return labelmap
 
 
 def _padded_to(image: vtk.vtkImageData, dims: tuple[int, int, int]) -> np.ndarray:

@@ -1,0 +1,140 @@
+"""Segment read/write on segmentations stored as closed surfaces, and create-then-rollback of apply steps.
+
+Real MRML (slicer-core), real failures: a segmentation whose source representation is closed surface
+cannot take a labelmap, which is what a user's surface-based segmentation does to an apply.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "PolyCLSlicer"))
+slicer = pytest.importorskip("slicer", reason="slicer-core is not installed")
+import vtk  # noqa: E402
+from PolyCLSlicerLib import mrml, undo  # noqa: E402
+
+from conftest import oblique_matrix  # noqa: E402
+
+SHAPE = (40, 36, 20)
+
+
+@pytest.fixture()
+def scene():
+    return mrml.new_scene()
+
+
+@pytest.fixture()
+def volume(scene):
+    matrix = oblique_matrix(spacing=(2.0, 2.0, 3.0), origin=(-40.0, -36.0, -30.0))
+    return mrml.add_volume_node(scene, np.zeros(SHAPE, np.int16), matrix, "ct")
+
+
+def sphere_center(volume) -> np.ndarray:
+    return mrml.ijk_to_ras(volume) @ np.array([19.5, 17.5, 9.5, 1.0])
+
+
+def surface_segmentation(scene, volume, radius: float = 15.0):
+    """A segmentation whose source representation is closed surface, with one sphere segment 'Liver'."""
+    node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "surfaces")
+    node.CreateDefaultDisplayNodes()
+    node.SetReferenceImageGeometryParameterFromVolumeNode(volume)
+    node.GetSegmentation().SetSourceRepresentationName(
+        slicer.vtkSegmentationConverter.GetClosedSurfaceRepresentationName())
+    sphere = vtk.vtkSphereSource()
+    sphere.SetCenter(*sphere_center(volume)[:3])
+    sphere.SetRadius(radius)
+    sphere.SetPhiResolution(40)
+    sphere.SetThetaResolution(40)
+    sphere.Update()
+    segment_id = node.AddSegmentFromClosedSurfaceRepresentation(sphere.GetOutput(), "Liver", [0.2, 0.4, 0.9])
+    return node, segment_id
+
+
+def state(node, volume) -> dict:
+    """Everything an apply may change on a segmentation node."""
+    segmentation = node.GetSegmentation()
+    segments = {}
+    for i in range(segmentation.GetNumberOfSegments()):
+        segment_id = segmentation.GetNthSegmentID(i)
+        segment = segmentation.GetSegment(segment_id)
+        segments[segment_id] = (segment.GetName(), tuple(segment.GetColor()), segment.GetTerminology(),
+                                mrml.segment_mask(node, segment_id, volume).tobytes())
+    return {"segments": segments, "attributes": {n: node.GetAttribute(n) for n in node.GetAttributeNames()},
+            "geometry": segmentation.GetConversionParameter(
+                slicer.vtkSegmentationConverter.GetReferenceImageGeometryParameterName()),
+            "source": segmentation.GetSourceRepresentationName()}
+
+
+def test_segment_mask_of_a_closed_surface_segmentation_is_not_empty(scene, volume):
+    node, segment_id = surface_segmentation(scene, volume)
+    mask = mrml.segment_mask(node, segment_id, volume)
+    voxel = 2.0 * 2.0 * 3.0
+    expected = 4 / 3 * np.pi * 15.0**3 / voxel
+    assert abs(mask.sum() - expected) < 0.1 * expected, (mask.sum(), expected)
+    ijk = np.argwhere(mask).mean(axis=0)
+    np.testing.assert_allclose(ijk, [19.5, 17.5, 9.5], atol=0.6)  # centred where the sphere is (oblique grid)
+    assert node.GetSegmentation().GetSourceRepresentationName() == "Closed surface"  # source unchanged
+
+
+def test_writing_into_a_closed_surface_segmentation_is_refused_before_any_change(scene, volume):
+    node, segment_id = surface_segmentation(scene, volume)
+    before = state(node, volume)
+    with pytest.raises(mrml.GeometryError, match="stores its segments as closed surface.*source representation"):
+        mrml.write_segment_mask(node, segment_id, np.ones(SHAPE), mrml.ijk_to_ras(volume))
+    assert state(node, volume) == before
+
+
+def test_failed_replace_restores_the_existing_liver_segment(scene, volume):
+    node, liver_id = surface_segmentation(scene, volume)
+    matrix = mrml.ijk_to_ras(volume)
+    node.SetAttribute("keep", "me")
+    before, nodes_before = state(node, volume), undo.node_ids(scene)
+    with pytest.raises(mrml.GeometryError):
+        with undo.undo_on_error(scene, node, changes_existing_segments=True):
+            segment = node.GetSegmentation().GetSegment(liver_id)
+            mrml.set_liver_terminology(segment)  # what replace mode does before writing
+            segment.SetName("Liver (PolyCL)")
+            mrml.store_review(node, liver_id, 2, [{"slice": 1, "dice": 0.5}])
+            extra = node.GetSegmentation().AddEmptySegment("", "Liver (2)")
+            assert extra
+            mrml.write_segment_mask(node, liver_id, np.ones(SHAPE), matrix)  # fails: closed surface
+    assert state(node, volume) == before and undo.node_ids(scene) == nodes_before
+
+
+def test_failed_write_into_a_new_node_removes_it(scene, volume):
+    nodes_before = undo.node_ids(scene)
+    with pytest.raises(ValueError):
+        with undo.undo_on_error(scene):
+            node = mrml.new_segmentation_node(volume)
+            segment_id = node.GetSegmentation().AddEmptySegment("", "Liver")
+            mrml.write_segment_mask(node, segment_id, np.ones((4, 4)), mrml.ijk_to_ras(volume))  # not 3D
+    assert undo.node_ids(scene) == nodes_before
+
+
+def test_failure_in_an_empty_labelmap_segmentation_restores_its_geometry(scene, volume):
+    node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "empty")
+    node.CreateDefaultDisplayNodes()
+    parameter = slicer.vtkSegmentationConverter.GetReferenceImageGeometryParameterName()
+    role = node.GetReferenceImageGeometryReferenceRole()
+    with pytest.raises(RuntimeError, match="disk full"):
+        with undo.undo_on_error(scene, node):
+            node.SetReferenceImageGeometryParameterFromVolumeNode(volume)
+            node.GetSegmentation().AddEmptySegment("", "Liver")
+            raise RuntimeError("disk full")
+    assert node.GetSegmentation().GetNumberOfSegments() == 0
+    assert node.GetSegmentation().GetConversionParameter(parameter) == "" and node.GetNodeReferenceID(role) is None
+
+
+def test_success_keeps_everything(scene, volume):
+    node = mrml.new_segmentation_node(volume)
+    with undo.undo_on_error(scene, node, changes_existing_segments=True):
+        segment_id = node.GetSegmentation().AddEmptySegment("", "Liver")
+        mask = np.zeros(SHAPE, np.uint8)
+        mask[5:10, 5:10, 2:4] = 1
+        mrml.write_segment_mask(node, segment_id, mask, mrml.ijk_to_ras(volume))
+    np.testing.assert_array_equal(mrml.segment_mask(node, segment_id, volume), mask)
