@@ -108,7 +108,21 @@ class PolyCLSlicer(ScriptedLoadableModule):
             "Sample CT from the TotalSegmentator test files (Apache-2.0)."
         )
         if HAS_APP:
-            slicer.app.connect("startupCompleted()", registerSampleData)
+            slicer.app.connect("startupCompleted()", onStartupCompleted)
+
+
+def onStartupCompleted() -> None:
+    """Once all modules are loaded, before command-line scripts run: segments made by the batch script or
+    the Python console before the panel is opened already point at a loaded terminology."""
+    registerSampleData()
+    registerTerminology()
+
+
+def registerTerminology() -> None:
+    """Make the PolyCL liver terminology known to the app's Terminologies module."""
+    modules = getattr(slicer, "modules", None)
+    if modules is not None and hasattr(modules, "terminologies"):
+        modules.terminologies.logic().LoadTerminologyFromFile(str(mrml.TERMINOLOGY_FILE))
 
 
 def registerSampleData() -> None:
@@ -124,7 +138,7 @@ def registerSampleData() -> None:
         fileNames=[SAMPLE_CT[0], SAMPLE_LIVER[0]],
         checksums=[SAMPLE_CT[1], SAMPLE_LIVER[1]],
         nodeNames=["PolyCLLiverCT", "PolyCLLiverCT reference"],
-        loadFileType=["VolumeFile", "SegmentationFile"],
+        loadFileTypes=["VolumeFile", "SegmentationFile"],
     )
 
 
@@ -244,7 +258,6 @@ class PolyCLSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui = slicer.util.childWidgetVariables(uiWidget)
         uiWidget.setMRMLScene(slicer.mrmlScene)
         self.logic = PolyCLSlicerLogic()
-        self.logic.registerTerminology()
         self.ui.progressBar.visible = self.ui.finetuneProgressBar.visible = False
         self._timer = qt.QTimer()
         self._timer.setInterval(100)
@@ -560,13 +573,6 @@ class PolyCLSlicerLogic(ScriptedLoadableModuleLogic):
         return PolyCLSlicerParameterNode(super().getParameterNode())
 
     # ------------------------------------------------------------------------------- information
-    @staticmethod
-    def registerTerminology() -> None:
-        """Make the PolyCL liver terminology selectable in the app's terminology dialogs."""
-        modules = getattr(slicer, "modules", None)
-        if modules is not None and hasattr(modules, "terminologies"):
-            modules.terminologies.logic().LoadTerminologyFromFile(str(mrml.TERMINOLOGY_FILE))
-
     @staticmethod
     def modelCardText(checkpoint: str | None = None) -> str:
         """Model card summary of a checkpoint, or why it cannot be shown (read without torch)."""

@@ -213,7 +213,7 @@ def test_sample_data_registration_matches_the_local_files(monkeypatch):
     (kwargs,) = calls
     assert kwargs["category"] == "PolyCL" and kwargs["sampleName"] == "PolyCLLiverCT"
     assert len(kwargs["uris"]) == len(kwargs["fileNames"]) == len(kwargs["checksums"]) == len(kwargs["nodeNames"])
-    assert kwargs["loadFileType"] == ["VolumeFile", "SegmentationFile"]
+    assert kwargs["loadFileTypes"] == ["VolumeFile", "SegmentationFile"] and "loadFileType" not in kwargs
     assert Path(kwargs["thumbnailFileName"]).is_file()
     data = shared_data_dir()
     if data is None:

@@ -167,7 +167,8 @@ def app(monkeypatch, tmp_path):
                         "slicer.parameterNodeWrapper": pnw}.items():
         monkeypatch.setitem(sys.modules, name, value)
     markups = types.SimpleNamespace(JumpSlicesToLocation=lambda *a: dialogs.jumps.append(a))
-    monkeypatch.setattr(slicer, "app", types.SimpleNamespace(connect=lambda *a: None), raising=False)
+    monkeypatch.setattr(slicer, "app", types.SimpleNamespace(connect=lambda *a: None, majorVersion=5, minorVersion=10),
+                        raising=False)
     monkeypatch.setattr(slicer, "mrmlScene", scene, raising=False)
     monkeypatch.setattr(slicer, "modules", types.SimpleNamespace(
         markups=types.SimpleNamespace(logic=lambda: markups)), raising=False)
