@@ -221,3 +221,10 @@ def test_sample_data_registration_matches_the_local_files(monkeypatch):
     for name, checksum in zip(kwargs["fileNames"], kwargs["checksums"], strict=True):
         local = data / PolyCLSlicer.SAMPLE_LOCAL[name]
         assert checksum == "SHA256:" + hashlib.sha256(local.read_bytes()).hexdigest(), name
+
+
+def test_annotation_selector_starts_at_none(widgets):
+    """qMRMLSegmentSelectorWidget with noneEnabled=false selects the first segment ('Liver') by itself."""
+    selector = widgets["annotationSegmentSelector"]
+    props = {p.get("name"): p for p in selector.findall("property")}
+    assert props["noneEnabled"].findtext("bool") == "true"

@@ -74,3 +74,41 @@ def test_declining_the_package_install_is_a_cancel_not_an_error(app, panel, monk
     panel.widget.onFinetuneButton()
     assert panel.ui.finetuneStatusLabel.text.startswith("Cancelled") and panel.widget._job is None
     assert len(app.dialogs.shown) == 2 and not app.dialogs.errors
+
+
+def liver_block(shape, axis_slices: range) -> np.ndarray:
+    mask = np.zeros(shape, np.uint8)
+    mask[6:18, 5:15, axis_slices.start:axis_slices.stop] = 1
+    return mask
+
+
+def test_propagate_refuses_a_whole_liver_as_annotation_unless_a_seed_slice_is_given(app, panel):  # noqa: F811
+    mrml, logic = app.module.mrml, panel.widget.logic
+    segmentation = mrml.new_segmentation_node(panel.volume)
+    liver_id = segmentation.GetSegmentation().AddEmptySegment("", "Liver")
+    mrml.write_segment_mask(segmentation, liver_id, liver_block((24, 20, 12), range(2, 10)), panel.matrix)
+    with pytest.raises(ValueError, match=r"'Liver' covers 8 axial slices \(2-9\), not one.*seedSlice"):
+        logic.propagateTask(panel.volume, segmentation, liver_id)
+    task = logic.propagateTask(panel.volume, segmentation, liver_id, seedSlice=5)
+    seed, _ = task.job.volumes["annotation"]
+    assert np.flatnonzero(seed.any(axis=(0, 1))).tolist() == [5]  # only that slice goes to the engine
+    with pytest.raises(ValueError, match="empty on axial slice 11"):
+        logic.propagateTask(panel.volume, segmentation, liver_id, seedSlice=11)
+    few_id = segmentation.GetSegmentation().AddEmptySegment("", "Liver annotation")
+    mrml.write_segment_mask(segmentation, few_id, liver_block((24, 20, 12), range(4, 6)), panel.matrix)
+    task = logic.propagateTask(panel.volume, segmentation, few_id)  # two painted slices are fine
+    assert np.flatnonzero(task.job.volumes["annotation"][0].any(axis=(0, 1))).tolist() == [4, 5]
+
+
+def test_propagate_without_a_selected_annotation_says_so(app, panel):  # noqa: F811
+    mrml = app.module.mrml
+    segmentation = mrml.new_segmentation_node(panel.volume)
+    liver_id = segmentation.GetSegmentation().AddEmptySegment("", "Liver")
+    mrml.write_segment_mask(segmentation, liver_id, liver_block((24, 20, 12), range(2, 10)), panel.matrix)
+    panel.p.outputSegmentation = segmentation
+    panel.widget._onParameterNodeModified()
+    panel.widget.onPropagateButton()
+    assert panel.widget._job is None and "Select the annotated segment" in app.dialogs.errors[-1]
+    panel.ui.annotationSegmentSelector.setCurrentSegmentID(liver_id)  # the user picks 'Liver' by mistake
+    panel.widget.onPropagateButton()
+    assert panel.widget._job is None and "covers 8 axial slices" in app.dialogs.errors[-1]

@@ -313,6 +313,31 @@ def load_review(segmentation_node: slicer.vtkMRMLSegmentationNode) -> dict | Non
     return json.loads(text) if text else None
 
 
+def one_slice_annotation(
+    mask: np.ndarray, matrix: np.ndarray, name: str, seed_slice: int | None, max_slices: int
+) -> np.ndarray:
+    """The annotation to propagate from: ``mask`` itself when it covers at most ``max_slices`` axial slices,
+    else only slice ``seed_slice`` (axial array index) of it; a larger mask without a seed is refused."""
+    axis = axial_axis(matrix)
+    slices = np.flatnonzero(np.asarray(mask).any(axis=tuple(a for a in range(3) if a != axis)))
+    if slices.size == 0:
+        raise ValueError(f"the annotation segment {name!r} is empty; paint the liver on one axial slice first")
+    if seed_slice is None:
+        if slices.size > max_slices:
+            raise ValueError(
+                f"{name!r} covers {slices.size} axial slices ({slices[0]}-{slices[-1]}), not one: select the segment "
+                "you painted on one slice (or a few) as the annotation, or give the slice to start from (seedSlice)"
+            )
+        return mask
+    if seed_slice not in slices:
+        raise ValueError(f"{name!r} is empty on axial slice {seed_slice}; it covers slices {slices[0]}-{slices[-1]}")
+    seed = np.zeros_like(mask)
+    index = [slice(None)] * 3
+    index[axis] = seed_slice
+    seed[tuple(index)] = np.asarray(mask)[tuple(index)]
+    return seed
+
+
 def slice_center_ras(volume_node: slicer.vtkMRMLVolumeNode, axis: int, index: int) -> tuple[float, float, float]:
     """RAS position of the centre of slice ``index`` along array axis ``axis``."""
     dims = volume_node.GetImageData().GetDimensions()
