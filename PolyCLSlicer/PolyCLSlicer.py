@@ -30,7 +30,8 @@ from PolyCLSlicerLib.dependencies import check_slicer_version  # noqa: E402
 check_slicer_version()  # Slicer < 5.10 (Python 3.9): refuse with a clear message before anything fails
 
 from PolyCLSlicerLib import core, dependencies, mrml  # noqa: E402
-from PolyCLSlicerLib.tasks import BackgroundTask, Task  # noqa: E402
+from PolyCLSlicerLib.tasks import FinetuneOutcome, MaskResult, Task, TaskRunner, WorkerJob  # noqa: E402
+from PolyCLSlicerLib.worker_client import shared_client  # noqa: E402
 
 try:  # only inside the Slicer application
     import ctk  # noqa: F401
@@ -218,6 +219,11 @@ class PolyCLSlicerParameterNode:
     learningRate: Annotated[float, WithinRange(1e-6, 0.1)] = 1e-4
 
 
+def absolutePath(path: str | os.PathLike | None) -> str | None:
+    """A user's file path made absolute here (the worker process may have another working folder)."""
+    return None if path is None else str(Path(path).expanduser().resolve())
+
+
 def optionalPath(path: Path | str | None) -> str | None:
     """None for an empty path widget (which reads back as '.')."""
     text = str(path or "").strip()
@@ -229,7 +235,7 @@ def optionalPath(path: Path | str | None) -> str | None:
 #
 @dataclass
 class _Job:
-    runner: BackgroundTask
+    runner: TaskRunner
     button: Any
     idleText: str
     progressBar: Any
@@ -276,8 +282,14 @@ class PolyCLSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.initializeParameterNode()  # only now: self.ui exists
 
     def cleanup(self) -> None:
-        if self._job is not None:
-            self._job.runner.request_cancel()
+        """Module reload or app exit: stop polling, stop the worker (a running job is dropped), unhook the GUI."""
+        if hasattr(self, "_timer"):
+            self._timer.stop()
+        self._job = None
+        if self.logic is not None:
+            self.logic.worker.stop()
+        if self._parameterNode is not None:
+            self.setParameterNode(None)  # disconnects the parameter node from the widgets
         self.removeObservers()
 
     def enter(self) -> None:
@@ -290,8 +302,11 @@ class PolyCLSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterNodeModified)
 
     def onSceneStartClose(self, caller: Any, event: Any) -> None:
-        if self._job is not None:
-            self._job.runner.request_cancel()
+        if hasattr(self, "_timer"):
+            self._timer.stop()
+        self._job = None
+        if self.logic is not None:
+            self.logic.worker.stop()
             self._job.discard = True
         self.setParameterNode(None)
 
@@ -368,8 +383,11 @@ class PolyCLSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         return False
 
     def onApplyButton(self) -> None:
-        if self._job is not None:
-            self._job.runner.request_cancel()
+        if hasattr(self, "_timer"):
+            self._timer.stop()
+        self._job = None
+        if self.logic is not None:
+            self.logic.worker.stop()
             return
         p = self._parameterNode
         if not self._ensureDependencies(p.refiner.value):
@@ -421,8 +439,11 @@ class PolyCLSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             slicer.modules.markups.logic().JumpSlicesToLocation(*position, True)
 
     def onPropagateButton(self) -> None:
-        if self._job is not None:
-            self._job.runner.request_cancel()
+        if hasattr(self, "_timer"):
+            self._timer.stop()
+        self._job = None
+        if self.logic is not None:
+            self.logic.worker.stop()
             return
         p = self._parameterNode
         sam2 = optionalPath(p.sam2Checkpoint)
@@ -452,8 +473,11 @@ class PolyCLSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             )
 
     def onFinetuneButton(self) -> None:
-        if self._job is not None:
-            self._job.runner.request_cancel()
+        if hasattr(self, "_timer"):
+            self._timer.stop()
+        self._job = None
+        if self.logic is not None:
+            self.logic.worker.stop()
             return
         p = self._parameterNode
         if not self._ensureDependencies(statusLabel=self.ui.finetuneStatusLabel):
@@ -489,14 +513,14 @@ class PolyCLSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     # ---------------------------------------------------------------------------- background jobs
     def _startJob(self, task: Task, button: Any, progressBar: Any, statusLabel: Any, onDone: Any) -> None:
-        self._job = _Job(BackgroundTask(task), button, button.text, progressBar, statusLabel, onDone)
+        runner = TaskRunner(task).start()  # hands the inputs to the worker; raises before any UI change
+        self._job = _Job(runner, button, button.text, progressBar, statusLabel, onDone)
         button.text = "Stop" if button is self.ui.finetuneButton else "Cancel"
         for name in self.ACTION_BUTTONS:
             getattr(self.ui, name).enabled = getattr(self.ui, name) is button
         progressBar.value = 0
         progressBar.visible = True
         statusLabel.text = f"{task.name} running..."
-        self._job.runner.start()
         self._timer.start()
 
     def _pollJob(self) -> None:
@@ -568,7 +592,7 @@ class PolyCLSlicerLogic(ScriptedLoadableModuleLogic):
 
     def __init__(self) -> None:
         ScriptedLoadableModuleLogic.__init__(self)
-        self.models = core.ModelCache()
+        self.worker = shared_client()  # torch runs in this worker process, never in Slicer's interpreter
 
     def getParameterNode(self) -> PolyCLSlicerParameterNode:
         return PolyCLSlicerParameterNode(super().getParameterNode())
@@ -582,9 +606,9 @@ class PolyCLSlicerLogic(ScriptedLoadableModuleLogic):
         except Exception as error:  # shown in the panel instead of a card
             return f"No model card: {error}"
 
-    @staticmethod
-    def deviceWarning(device: str) -> str:
-        if device == "cuda" and not core.cuda_available():
+    def deviceWarning(self, device: str) -> str:
+        """Known once the worker has started (it reports CUDA); the job itself refuses a missing GPU."""
+        if device == "cuda" and self.worker.facts.get("cuda") is False:
             return "No CUDA GPU is visible to PyTorch: choose Auto or CPU."
         return ""
 
@@ -603,7 +627,7 @@ class PolyCLSlicerLogic(ScriptedLoadableModuleLogic):
         segmentName: str = mrml.LIVER_SEGMENT_NAME,
         overwrite: bool = False,
     ) -> Task:
-        """Read the volume now; compute off-thread; ``apply`` writes the Liver segment."""
+        """Read the volume now; compute in the worker; ``apply`` writes the Liver segment."""
         if volumeNode is None:
             raise ValueError("select an input CT volume")
         array, matrix = mrml.volume_array(volumeNode), mrml.ijk_to_ras(volumeNode)
@@ -611,12 +635,12 @@ class PolyCLSlicerLogic(ScriptedLoadableModuleLogic):
             mrml.check_no_transform(segmentationNode)
         refinerCheckpoint = {"sam": samCheckpoint, "sam2": sam2Checkpoint}.get(refiner)
         started = time.perf_counter()
+        job = WorkerJob("segment", {"volume": (array, matrix)}, {
+            "checkpoint": str(core.checkpoint_path(checkpoint)), "device": device, "refiner": refiner,
+            "refiner_checkpoint": absolutePath(refinerCheckpoint), "sam_model": samModel, "sam2_config": sam2Config,
+        }, {"mask": None})
 
-        def compute(progress: Any, cancel: Any) -> core.SegmentOutput:
-            return core.segment(self.models, array, matrix, checkpoint, device, refiner, refinerCheckpoint,
-                                samModel, sam2Config, progress, cancel)
-
-        def apply(output: core.SegmentOutput) -> SegmentReport:
+        def apply(output: MaskResult) -> SegmentReport:
             node = segmentationNode or mrml.new_segmentation_node(volumeNode)
             segmentId = self._targetSegment(node, volumeNode, segmentName, overwrite)
             mrml.write_segment_mask(node, segmentId, output.mask, matrix)
@@ -627,7 +651,7 @@ class PolyCLSlicerLogic(ScriptedLoadableModuleLogic):
             mrml.store_review(node, segmentId, output.axis, output.disagreements)  # replaces an older list
             return self._report(node, segmentId, output.mask, matrix, output.axis, started, output.warnings, review)
 
-        return Task("segmentation", compute, apply)
+        return Task("segmentation", job, MaskResult.read, apply, self.worker)
 
     def segment(
         self,
@@ -747,11 +771,15 @@ class PolyCLSlicerLogic(ScriptedLoadableModuleLogic):
         guide = mrml.segment_mask(segmentationNode, guideId, volumeNode) if guideId else None
         started = time.perf_counter()
 
-        def compute(progress: Any, cancel: Any) -> core.PropagateOutput:
-            return core.propagate(self.models, array, matrix, annotation, engine, sam2Checkpoint, sam2Config,
-                                  direction, bounds, guide, device, progress, cancel)
+        volumes = {"volume": (array, matrix), "annotation": (annotation, matrix)}
+        if guide is not None and guide.any():
+            volumes["guide"] = (guide, matrix)
+        job = WorkerJob("propagate", volumes, {
+            "engine": engine, "sam2_checkpoint": absolutePath(sam2Checkpoint), "sam2_config": sam2Config,
+            "direction": direction,
+            "bounds": None if bounds is None else [int(b) for b in bounds], "device": device}, {"mask": None})
 
-        def apply(output: core.PropagateOutput) -> SegmentReport:
+        def apply(output: MaskResult) -> SegmentReport:
             if overwrite:
                 targetId = segmentId
             else:
@@ -763,7 +791,7 @@ class PolyCLSlicerLogic(ScriptedLoadableModuleLogic):
             report.notes = [f"engine: {output.engine}", *output.stops]
             return report
 
-        return Task("propagation", compute, apply)
+        return Task("propagation", job, MaskResult.read, apply, self.worker)
 
     def propagate(
         self,
@@ -862,13 +890,15 @@ class PolyCLSlicerLogic(ScriptedLoadableModuleLogic):
                 raise ValueError(f"{segmentation.GetName()!r} has no liver segment")
             mask = mrml.segment_mask(segmentation, segmentId, volume)
             pairs.append((mrml.volume_array(volume), mask, mrml.ijk_to_ras(volume), volume.GetName()))
-
-        def compute(progress: Any, cancel: Any) -> Any:
-            return core.finetune(
-                pairs, output, init, epochs, learningRate, device, batchSize, valFraction, progress, cancel
-            )
-
-        return Task("finetuning", compute)
+        job = WorkerJob(
+            "finetune",
+            {"images": [(ct, m) for ct, _, m, _ in pairs], "labels": [(mask, m) for _, mask, m, _ in pairs]},
+            {"init": str(core.checkpoint_path(init)), "epochs": int(epochs), "learning_rate": float(learningRate),
+             "device": device, "batch_size": int(batchSize), "val_fraction": float(valFraction),
+             "names": [name for *_, name in pairs]},
+            {"checkpoint": str(output.resolve())},
+        )
+        return Task("finetuning", job, FinetuneOutcome.read, client=self.worker)
 
     def finetune(
         self,
@@ -879,7 +909,7 @@ class PolyCLSlicerLogic(ScriptedLoadableModuleLogic):
         cancel: Any = None,
         **options: Any,
     ) -> Any:
-        """Finetune on (volume, segmentation) pairs; returns polycl's FinetuneResult (``.path``)."""
+        """Finetune on (volume, segmentation) pairs; returns ``.path``, ``.best_epoch`` and ``.card``."""
         return self.finetuneTask(volumeNodes, segmentationNodes, outputPath, **options).run(progress, cancel)
 
     # ------------------------------------------------------------------------------------- review

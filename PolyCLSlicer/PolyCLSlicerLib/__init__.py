@@ -1,7 +1,8 @@
 """Non-GUI helpers of the PolyCLSlicer module (importable under slicer-core, without the Slicer app).
 
 - ``mrml``: volume / segmentation nodes <-> ``[i, j, k]`` arrays + IJK->RAS, terminology, .seg.nrrd I/O.
-- ``tasks``: compute-off-thread / apply-on-main-thread tasks with progress and cancel.
+- ``tasks``: a Task = a job of the compute worker + main-thread ``apply``; progress, cancel, polling.
+- ``worker_client``: starts and talks to the worker process (``python -m polycl.worker``).
 - ``dependencies``: first-use Python package checks and installation (main thread only).
-- ``core``: the one place that calls the Slicer-free ``polycl`` engine.
+- ``core``: what the Slicer side reads from checkpoints without torch (model card, starter path).
 """
