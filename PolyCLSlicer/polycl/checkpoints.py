@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import math
 import os
 import pickle
 from pathlib import Path
@@ -21,12 +22,13 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .io import atomic_write
-from .models import SegmentationNet, build_model, convert_reference_state_dict
+from .models import SegmentationNet, build_model, check_input_size, convert_reference_state_dict
 
 FORMAT_NAME = "polycl-checkpoint"
 FORMAT_VERSION = "1"
 KINDS = ("segmentation", "encoder", "pretraining")
 REQUIRED_CARD_KEYS = ("kind", "architecture", "architecture_args", "input_size", "window")
+MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit
 STARTER_CHECKPOINT = Path(__file__).parent / "weights" / "polycl_liver_starter.safetensors"
 
 
@@ -74,9 +76,17 @@ def validate_card(card: dict) -> None:
         raise CheckpointError(f"model card lacks {', '.join(missing)}")
     if card["kind"] not in KINDS:
         raise CheckpointError(f"model card kind {card['kind']!r} is not one of {', '.join(KINDS)}")
-    size = card["input_size"]
-    if not isinstance(size, int) or size < 16 or size % 16:
-        raise CheckpointError(f"input_size {size!r} must be a multiple of 16 (at least 16)")
+    try:
+        check_input_size(card["input_size"])
+    except ValueError as error:
+        raise CheckpointError(f"model card: {error}") from None
+    if not isinstance(card["architecture"], str) or not isinstance(card["architecture_args"], dict):
+        raise CheckpointError("model card: architecture must be a name and architecture_args a mapping")
+    window = card["window"]
+    if not isinstance(window, dict) or not all(
+        isinstance(window.get(key), (int, float)) and math.isfinite(window[key]) for key in ("center", "width")
+    ) or window["width"] <= 0:
+        raise CheckpointError(f"model card: window {window!r} needs a finite center and a positive width (HU)")
 
 
 def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
@@ -86,6 +96,7 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
         raise CheckpointError(f"{path}: no such checkpoint file")
     if path.stat().st_size < 16:
         raise CheckpointError(f"{path}: file is empty or truncated")
+    _check_layout(path)
     try:
         from safetensors import safe_open
 
@@ -111,7 +122,34 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
         validate_card(card)
     except CheckpointError as error:
         raise CheckpointError(f"{path}: {error}") from None
+    broken = [key for key, value in tensors.items() if value.is_floating_point() and not torch.isfinite(value).all()]
+    if broken:
+        raise CheckpointError(f"{path}: weights {broken[:3]} hold NaN or infinite values (a diverged training "
+                              "run?); use an earlier checkpoint")
     return tensors, card
+
+
+def _check_layout(path: Path) -> None:
+    """The safetensors header length and the tensors' byte ranges must fit inside the file.
+
+    Catches truncated files and headers claiming impossible sizes before anything is allocated.
+    """
+    size = path.stat().st_size
+    with open(path, "rb") as handle:
+        length = int.from_bytes(handle.read(8), "little")
+        if length > min(size - 8, MAX_HEADER_BYTES):
+            hint = _foreign_file_hint(path) or (f"its header claims {length} bytes, the file holds {size}: "
+                                                "truncated or corrupt")
+            raise CheckpointError(f"{path}: not a readable PolyCL checkpoint ({hint})")
+        try:
+            header = json.loads(handle.read(length))
+            end = max((int(entry["data_offsets"][1]) for key, entry in header.items() if key != "__metadata__"),
+                      default=0)
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+            return  # malformed header: safetensors gives its own message
+    if 8 + length + end > size:
+        raise CheckpointError(f"{path}: checkpoint is truncated ({size} of {8 + length + end} bytes); "
+                              "copy or download it again")
 
 
 def _foreign_file_hint(path: Path) -> str:

@@ -22,10 +22,11 @@ def add_refine_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--refine", default="none", choices=["none", "litemedsam", "sam", "sam2"],
                        help="refine each slice with box prompts: litemedsam (bundled weights, CPU-friendly), "
                             "sam (needs --sam-checkpoint) or sam2 (needs --sam2-checkpoint); default none")
-    group.add_argument("--sam-checkpoint", help="segment-anything checkpoint (e.g. sam_vit_b_01ec64.pth)")
+    group.add_argument("--sam-checkpoint",
+                       help="segment-anything checkpoint (e.g. sam_vit_b_01ec64.pth; default: none)")
     group.add_argument("--sam-model", choices=["vit_b", "vit_l", "vit_h"],
                        help="SAM architecture (default: from the official file's SHA-256 or its name)")
-    group.add_argument("--sam2-checkpoint", help="SAM 2 checkpoint (e.g. sam2.1_hiera_tiny.pt)")
+    group.add_argument("--sam2-checkpoint", help="SAM 2 checkpoint (e.g. sam2.1_hiera_tiny.pt; default: none)")
     group.add_argument("--sam2-config", help="SAM 2 config name, e.g. configs/sam2.1/sam2.1_hiera_t.yaml "
                                              "(default: from the checkpoint's file name)")
     group.add_argument("--refine-margin", type=int, default=2, help="box margin in pixels (default 2)")
@@ -35,20 +36,52 @@ def add_refine_arguments(parser: argparse.ArgumentParser) -> None:
                        help="encoder precision (auto: bf16 where the CPU/GPU runs it natively)")
 
 
-def refine_from_args(args: argparse.Namespace, volume: Volume, mask: np.ndarray) -> np.ndarray:
-    """Apply ``--refine ...`` to a coarse mask; prints the slices to check; returns the refined mask."""
-    from .cli import _tqdm_progress
-    from .sam_refine import build_refiner, refine_volume
+def build_refiner_from_args(args: argparse.Namespace):
+    """The refiner ``--refine ...`` asks for (None for ``none``), built before any segmentation work.
+
+    ``sam`` needs ``--sam-checkpoint``; ``sam2`` needs ``--sam2-checkpoint`` (or ``--sam-checkpoint``).
+    """
+    from .sam_refine import build_refiner
 
     name = getattr(args, "refine", "none")
     if name in (None, "none"):
-        return mask
+        return None
     checkpoint = getattr(args, "sam_checkpoint", None)  # sam2 falls back to --sam-checkpoint
-    if name == "sam2" and args.sam2_checkpoint is not None:
+    if name == "sam2" and getattr(args, "sam2_checkpoint", None) is not None:
         checkpoint = args.sam2_checkpoint
-    refiner = build_refiner(name, checkpoint=checkpoint, model_type=getattr(args, "sam_model", None),
-                            config=getattr(args, "sam2_config", None), device=getattr(args, "device", "auto"),
-                            precision=getattr(args, "refine_precision", "auto"))
+    if name in ("sam", "sam2") and checkpoint is None:
+        option = "--sam-checkpoint" if name == "sam" else "--sam2-checkpoint"
+        raise ValueError(f"--refine {name} needs {option} FILE (its weights are not bundled); "
+                         "or use --refine litemedsam")
+    if checkpoint is not None and not Path(checkpoint).is_file():
+        raise FileNotFoundError(f"SAM checkpoint {checkpoint}: no such file")
+    return build_refiner(name, checkpoint=checkpoint, model_type=getattr(args, "sam_model", None),
+                         config=getattr(args, "sam2_config", None), device=getattr(args, "device", "auto"),
+                         precision=getattr(args, "refine_precision", "auto"))
+
+
+def review_line(result, max_dice: float = 0.9) -> str:
+    """One line on which slices to check: the worst ones below ``max_dice``, else the lowest agreement."""
+    worst = result.worst(5, max_dice)
+    if worst:
+        listed = ", ".join(f"{s.index} (Dice {s.dice:.2f})" for s in worst)
+        return f"check these slices (axis {worst[0].axis}), coarse vs refined disagree most: {listed}"
+    compared = [s for s in result.slices if s.coarse_pixels or s.refined_pixels]
+    if not compared:
+        return "no liver on any slice; nothing to review"
+    lowest = min(compared, key=lambda s: s.dice)
+    return (f"no slice below Dice {max_dice}: all {len(compared)} slices with liver agree "
+            f"(min Dice {lowest.dice:.2f} at slice {lowest.index})")
+
+
+def refine_from_args(args: argparse.Namespace, volume: Volume, mask: np.ndarray, refiner=None) -> np.ndarray:
+    """Apply ``--refine ...`` to a coarse mask; prints the review line; returns the refined mask."""
+    from .cli import _tqdm_progress
+    from .sam_refine import refine_volume
+
+    refiner = refiner or build_refiner_from_args(args)
+    if refiner is None:
+        return mask
     progress, close = _tqdm_progress(f"refine ({refiner.name})")
     try:
         min_iou = getattr(args, "refine_min_iou", 0.5)
@@ -61,23 +94,27 @@ def refine_from_args(args: argparse.Namespace, volume: Volume, mask: np.ndarray)
     fallbacks = sum(s.fallbacks for s in result.slices)
     print(f"polycl: refined {len(refined)} slices with {refiner.name} in {result.seconds:.1f} s"
           f" ({fallbacks} boxes kept the coarse mask: low predicted IoU)", file=sys.stderr)
-    worst = result.worst(5)
-    if worst:
-        listed = ", ".join(f"{s.index} (Dice {s.dice:.2f})" for s in worst)
-        print(f"polycl: check these slices (axis {worst[0].axis}), coarse vs refined disagree most: {listed}",
-              file=sys.stderr)
+    print(f"polycl: {review_line(result)}", file=sys.stderr)
     return result.mask
 
 
 def command_propagate(args: argparse.Namespace) -> int:
     """``polycl propagate``: one annotated slice -> volume mask."""
-    from .cli import _check_output, _tqdm_progress
-    from .io import read_mask, read_volume, write_mask
+    from .cli import _tqdm_progress, check_input_path, check_output_path
+    from .io import MASK_SUFFIXES, read_mask, read_volume, write_mask
+    from .preprocessing import validate_ct
     from .sam2_propagation import StopRules, propagate_from_annotation
 
-    output = Path(args.output)
-    _check_output(output, args.overwrite)
-    volume = read_volume(args.input)
+    check_input_path(args.input, "input")
+    output = check_output_path(args.output, args.overwrite, MASK_SUFFIXES,
+                               (args.input, args.annotation, args.guide, args.reference))
+    for option in ("annotation", "guide", "reference", "sam2_checkpoint"):
+        check_input_path(getattr(args, option), "--" + option.replace("_", "-"))
+    if args.engine == "sam2" and args.sam2_checkpoint is None:
+        raise ValueError("--engine sam2 needs --sam2-checkpoint FILE (its weights are not bundled)")
+    volume = read_volume(args.input, series=args.series)
+    for note in validate_ct(volume.array, str(args.input)):  # broken CTs raise; odd ones are a warning
+        print(f"polycl: warning: {note}", file=sys.stderr)
     annotation = read_mask(args.annotation, volume)
     guide = read_mask(args.guide, volume).array if args.guide else None
     progress, close = _tqdm_progress(f"propagate ({args.engine})")
@@ -104,33 +141,48 @@ def command_propagate(args: argparse.Namespace) -> int:
     return 0
 
 
+PROPAGATE_EPILOG = """examples:
+  polycl propagate ct.nii.gz --annotation one_slice.nii.gz -o liver.nii.gz
+  polycl propagate ct.nii.gz --annotation one_slice.nii.gz -o liver.nii.gz --engine sam2 \\
+      --sam2-checkpoint sam2.1_hiera_tiny.pt --direction up --bounds 10 60"""
+
+
 def add_propagate_command(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Register ``polycl propagate``."""
+    from .cli import HelpFormatter
+
     parser = subparsers.add_parser(
         "propagate", help="propagate a liver annotation on one axial slice through the volume",
         description="One annotated axial slice -> liver mask of the volume: SAM 2 video propagation when a "
-                    "SAM 2 checkpoint is given, else box chaining with the bundled LiteMedSAM weights.")
+                    "SAM 2 checkpoint is given, else box chaining with the bundled LiteMedSAM weights.",
+        epilog=PROPAGATE_EPILOG, formatter_class=HelpFormatter)
     parser.add_argument("input", help="CT file or DICOM series folder")
+    parser.add_argument("--series", help="DICOM folder with several image series: which one (number or UID; "
+                        "default: the only image series)")
     parser.add_argument("--annotation", required=True,
                         help="mask on the CT grid with the liver drawn on one axial slice (or several: each "
                              "seeds the slices nearest to it)")
     parser.add_argument("-o", "--output", required=True, help="output mask file (.nii.gz, .nrrd, .seg.nrrd, .mha)")
     parser.add_argument("--engine", default="auto", choices=["auto", "sam2", "litemedsam"],
                         help="auto (default): sam2 when --sam2-checkpoint is given, else litemedsam")
-    parser.add_argument("--sam2-checkpoint", help="SAM 2 checkpoint (e.g. sam2.1_hiera_tiny.pt)")
+    parser.add_argument("--sam2-checkpoint", help="SAM 2 checkpoint (e.g. sam2.1_hiera_tiny.pt; default: none, "
+                        "LiteMedSAM is used)")
     parser.add_argument("--sam2-config", help="SAM 2 config name (default: from the checkpoint's file name)")
-    parser.add_argument("--slice", type=int, help="seed only from this annotated slice (index along the axial axis)")
+    parser.add_argument("--slice", type=int, help="seed only from this annotated slice (index along the axial "
+                        "axis; default: every annotated slice)")
     parser.add_argument("--direction", default="both", choices=["both", "up", "down"],
                         help="up = towards the head (superior), down = towards the feet; default both")
     parser.add_argument("--bounds", type=int, nargs=2, metavar=("FIRST", "LAST"),
-                        help="never go beyond these axial slice indices")
+                        help="never go beyond these axial slice indices (default: the whole volume)")
     parser.add_argument("--patience", type=int, default=2,
                         help="stop a direction after this many consecutive failing slices (default 2)")
-    parser.add_argument("--guide", help="a coarse liver mask (e.g. polycl segment output) used as a stop signal")
+    parser.add_argument("--guide", help="a coarse liver mask (e.g. polycl segment output) used as a stop signal "
+                        "(default: none)")
     parser.add_argument("--margin", type=int, default=2, help="box margin in pixels for litemedsam (default 2)")
-    parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    parser.add_argument("--reference", help="reference liver mask: print Dice")
+    parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                        help="model precision (auto: bf16 where the CPU/GPU runs it natively)")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="compute device")
+    parser.add_argument("--reference", help="reference liver mask: print Dice (default: none)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     parser.set_defaults(handler=command_propagate)
     return parser

@@ -71,5 +71,8 @@ def validate_ct(array: np.ndarray, name: str = "volume") -> list[str]:
         notes.append(
             f"{name}: intensity range [{low:g}, {high:g}] does not look like CT in Hounsfield units "
             "(expected air near -1000 HU and soft tissue 0-100 HU); results may be meaningless"
+            + ("; unsigned values look like HU stored with an offset (e.g. +1024) but the header carries no "
+               "rescale slope/intercept: add them (NIfTI scl_slope/scl_inter) or subtract the offset"
+               if np.issubdtype(array.dtype, np.unsignedinteger) and low >= 0 and high > 1000 else "")
         )
     return notes
