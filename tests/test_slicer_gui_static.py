@@ -25,7 +25,7 @@ CONNECTORS = {
     bool: {"QCheckBox", "ctkCheckBox", "QPushButton"},
     int: {"QSpinBox", "QSlider", "ctkSliderWidget"},
     float: {"QDoubleSpinBox", "ctkSliderWidget", "ctkDoubleSpinBox", "ctkDoubleSlider"},
-    str: {"QLineEdit", "QTextEdit", "QLabel"},
+    str: {"QLineEdit", "QTextEdit", "QLabel", "ctkPathLineEdit"},  # the last: PolyCLSlicerLib.gui_connectors
     enum.Enum: {"QComboBox", "ctkComboBox"},
     pathlib.Path: {"ctkPathLineEdit", "ctkDirectoryButton"},
     "node": {"qMRMLNodeComboBox", "qMRMLSubjectHierarchyTreeView"},
@@ -219,7 +219,7 @@ def test_sample_data_registration_matches_the_local_files(monkeypatch):
     if data is None:
         pytest.skip("shared data not found: checksums not compared")
     for name, checksum in zip(kwargs["fileNames"], kwargs["checksums"], strict=True):
-        local = data / PolyCLSlicer.SAMPLE_LOCAL[name]
+        local = data / PolyCLSlicer.sample_data.SAMPLE_LOCAL[name]
         assert checksum == "SHA256:" + hashlib.sha256(local.read_bytes()).hexdigest(), name
 
 
@@ -228,3 +228,14 @@ def test_annotation_selector_starts_at_none(widgets):
     selector = widgets["annotationSegmentSelector"]
     props = {p.get("name"): p for p in selector.findall("property")}
     assert props["noneEnabled"].findtext("bool") == "true"
+
+
+def test_file_parameters_are_empty_strings_in_path_line_edits(widgets, bindings):
+    """Path parameters would show '.' when empty; ours are str ('' = no file) in ctkPathLineEdit."""
+    import PolyCLSlicer
+
+    types = parameter_types()
+    for name in ("checkpointPath", "samCheckpoint", "sam2Checkpoint"):
+        assert types[name] is str and getattr(PolyCLSlicer.PolyCLSlicerParameterNode, name) == ""
+        assert widgets[bindings[name][0]].get("class") == "ctkPathLineEdit"
+    assert pathlib.Path not in types.values()

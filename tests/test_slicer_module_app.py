@@ -112,3 +112,65 @@ def test_propagate_without_a_selected_annotation_says_so(app, panel):  # noqa: F
     panel.ui.annotationSegmentSelector.setCurrentSegmentID(liver_id)  # the user picks 'Liver' by mistake
     panel.widget.onPropagateButton()
     assert panel.widget._job is None and "covers 8 axial slices" in app.dialogs.errors[-1]
+
+
+def test_unticking_the_starter_model_without_a_file_is_visible_and_refused(app, panel):  # noqa: F811
+    p, ui, w = panel.p, panel.ui, panel.widget
+    w._onParameterNodeModified()
+    assert ui.applyButton.enabled and "polycl_unet" in ui.modelCardLabel.text  # starter model card
+    p.useStarterModel = False  # ... and no file chosen: the empty path is '', not '.'
+    assert p.checkpointPath == ""
+    w._onParameterNodeModified()
+    assert not ui.applyButton.enabled and not ui.finetuneButton.enabled
+    assert "Choose a checkpoint file" in ui.modelCardLabel.text and "polycl_unet" not in ui.modelCardLabel.text
+    w.onApplyButton()  # e.g. triggered from the console despite the disabled button
+    assert w._job is None and "Choose a checkpoint file" in app.dialogs.errors[-1]
+    p.checkpointPath = "."  # what a scene saved with the old Path parameter holds
+    w._onParameterNodeModified()
+    assert not ui.applyButton.enabled
+    p.useStarterModel = True
+    w._onParameterNodeModified()
+    assert ui.applyButton.enabled and ui.finetuneButton.enabled
+
+
+def test_path_connector_shows_no_file_as_an_empty_line_edit(monkeypatch):
+    import importlib
+
+    class Signal:
+        def __init__(self):
+            self.slots = []
+
+        def connect(self, slot):
+            self.slots.append(slot)
+
+        def disconnect(self, slot):
+            self.slots.remove(slot)
+
+    class ctkPathLineEdit:  # noqa: N801  (the Qt class name)
+        def __init__(self):
+            self.currentPath, self.currentPathChanged = "", Signal()
+
+    registered = []
+    ctk = types.ModuleType("ctk")
+    ctk.ctkPathLineEdit = ctkPathLineEdit
+    pnw = types.ModuleType("slicer.parameterNodeWrapper")
+    pnw.GuiConnector = type("GuiConnector", (), {"changed": lambda self: None})
+    pnw.parameterNodeGuiConnector = lambda cls: registered.append(cls) or cls
+    pnw.unannotatedType = lambda t: t
+    monkeypatch.setitem(sys.modules, "ctk", ctk)
+    monkeypatch.setitem(sys.modules, "slicer.parameterNodeWrapper", pnw)
+    monkeypatch.delitem(sys.modules, "PolyCLSlicerLib.gui_connectors", raising=False)
+    module = importlib.import_module("PolyCLSlicerLib.gui_connectors")
+    (connector_type,) = registered
+    widget = ctkPathLineEdit()
+    assert connector_type.create(widget, Path) is None and connector_type.create(object(), str) is None
+    connector = connector_type.create(widget, str)
+    assert isinstance(connector, module.PathLineEditToStrConnector)
+    connector.write("")
+    assert widget.currentPath == "" and connector.read() == ""
+    connector.write("/data/model.safetensors")
+    assert widget.currentPath == "/data/model.safetensors" == connector.read()
+    connector._connect()
+    assert widget.currentPathChanged.slots == [connector.changed]
+    connector._disconnect()
+    assert widget.currentPathChanged.slots == []

@@ -163,6 +163,7 @@ def app(monkeypatch, tmp_path):
         return Wrapped
 
     pnw.parameterNodeWrapper, pnw.WithinRange = parameterNodeWrapper, lambda lo, hi: (lo, hi)
+    pnw.GuiConnector, pnw.parameterNodeGuiConnector, pnw.unannotatedType = object, lambda cls: cls, lambda t: t
     for name, value in {"qt": qt, "ctk": types.ModuleType("ctk"), "slicer.ScriptedLoadableModule": slm,
                         "slicer.parameterNodeWrapper": pnw}.items():
         monkeypatch.setitem(sys.modules, name, value)

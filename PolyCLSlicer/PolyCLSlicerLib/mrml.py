@@ -185,20 +185,26 @@ def segment_id_by_name(segmentation_node: slicer.vtkMRMLSegmentationNode, name: 
     return segment_id or None
 
 
-def write_segment_mask(
-    segmentation_node: slicer.vtkMRMLSegmentationNode, segment_id: str, mask: np.ndarray, matrix: np.ndarray
-) -> None:
-    """Replace a segment's binary labelmap with an ``[i, j, k]`` mask on the grid ``matrix``."""
+def check_labelmap_source(segmentation_node: slicer.vtkMRMLSegmentationNode) -> None:
+    """PolyCL writes binary labelmaps: refuse a segmentation stored as another representation."""
     ensure_segmentation_support()
-    check_no_transform(segmentation_node)
-    segmentation = segmentation_node.GetSegmentation()
-    source = segmentation.GetSourceRepresentationName()
+    source = segmentation_node.GetSegmentation().GetSourceRepresentationName()
     if source != binary_labelmap_name():
         raise GeometryError(
             f"{segmentation_node.GetName()!r} stores its segments as {source.lower()}, PolyCL writes labelmaps: "
             "choose another output segmentation, or make 'Binary labelmap' its source representation "
             "(Segmentations module, Representations)"
         )
+
+
+def write_segment_mask(
+    segmentation_node: slicer.vtkMRMLSegmentationNode, segment_id: str, mask: np.ndarray, matrix: np.ndarray
+) -> None:
+    """Replace a segment's binary labelmap with an ``[i, j, k]`` mask on the grid ``matrix``."""
+    ensure_segmentation_support()
+    check_no_transform(segmentation_node)
+    check_labelmap_source(segmentation_node)
+    segmentation = segmentation_node.GetSegmentation()
     layer = segmentation.GetLayerIndex(segment_id)
     if layer >= 0 and len(segmentation.GetSegmentIDsForLayer(layer)) > 1:
         segmentation.SeparateSegmentLabelmap(segment_id)  # never touch segments sharing its layer
@@ -268,6 +274,13 @@ def _padded_to(image: vtk.vtkImageData, dims: tuple[int, int, int]) -> np.ndarra
 
 
 # ----------------------------------------------------------------------------------- terminology
+def register_terminology() -> None:
+    """Make the PolyCL liver terminology known to the app's Terminologies module (no-op without the app)."""
+    modules = getattr(slicer, "modules", None)
+    if modules is not None and hasattr(modules, "terminologies"):
+        modules.terminologies.logic().LoadTerminologyFromFile(str(TERMINOLOGY_FILE))
+
+
 def liver_terminology(path: str | os.PathLike = TERMINOLOGY_FILE) -> tuple[str, tuple[float, float, float]]:
     """Slicer terminology entry string and recommended colour (0-1) of the liver in our .term.json."""
     with open(path, encoding="utf-8") as handle:
