@@ -11,7 +11,8 @@ import pytest
 import SimpleITK as sitk
 
 from polycl.checkpoints import default_card, save_model
-from polycl.cli import build_parser, main, pair_images_and_labels
+from polycl.cli import build_parser, main
+from polycl.cli_finetune import pair_images_and_labels
 from polycl.io import write_volume
 from polycl.models import build_model
 
@@ -146,7 +147,7 @@ def test_segment_evaluate_info_round_trip(tmp_path, capsys, tiny_checkpoint):
     assert main(["evaluate", str(tmp_path / "ref.nii.gz"), str(tmp_path / "ref.nii.gz"), "--json"]) == 0
     metrics = json.loads(capsys.readouterr().out)
     assert metrics["dice"] == 1.0 and metrics["hd95_mm"] == 0.0
-    assert main(["info", str(tiny_checkpoint)]) == 0
+    assert main(["info", str(tiny_checkpoint), "--json"]) == 0
     card = json.loads(capsys.readouterr().out)
     assert card["architecture"] == "polycl_unet" and card["input_size"] == 32
 
@@ -169,9 +170,10 @@ def test_pairing_by_case_name(tmp_path):
 def test_sample_offline_uses_local_data(data_dir, capsys, monkeypatch, tmp_path):
     monkeypatch.setenv("POLYCL_DATA", str(data_dir))
     monkeypatch.setenv("POLYCL_CACHE", str(tmp_path / "cache"))
-    assert main(["sample", "totalseg_dcm", "--offline", "--label"]) == 0
-    lines = capsys.readouterr().out.split()
-    assert lines[0].endswith("totalseg_dcm_ct.nii.gz") and lines[1].endswith("totalseg_dcm_liver.nii.gz")
+    assert main(["sample", "totalseg_dcm", "--offline"]) == 0
+    assert capsys.readouterr().out.split() == [str(data_dir / "labeled" / "totalseg_dcm_ct.nii.gz")]
+    assert main(["sample", "totalseg_dcm", "--label"]) == 0
+    assert capsys.readouterr().out.split() == [str(data_dir / "labeled" / "totalseg_dcm_liver.nii.gz")]
     err = run_error(capsys, ["sample", "CTLiver", "--offline"])
     assert "not cached" in err
     assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())

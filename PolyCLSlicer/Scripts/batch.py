@@ -111,7 +111,8 @@ def run(args: argparse.Namespace) -> int:
             else:
                 volume = logic.loadVolume(scene, path, stem)
                 report = logic.segment(volume, **options)
-                mrml.save_segmentation(report.segmentationNode, target)
+                # polycl.io.write_mask: the same .seg.nrrd writer (Liver segment + terminology) as `polycl segment`
+                logic.exportSegment(report.segmentationNode, report.segmentId, volume, target)
                 if args.nifti:
                     logic.exportSegment(report.segmentationNode, report.segmentId, volume,
                                         args.output / f"{stem}_liver.nii.gz")

@@ -26,22 +26,24 @@ last saved checkpoint."""
 
 def add_pretrain_command(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Register ``polycl pretrain`` (handler: ``command_pretrain``)."""
+    from .cli import HelpFormatter
+
     parser = subparsers.add_parser(
         "pretrain", help="self-supervised encoder pretraining (PolyCL-S/-O/-M, SimCLR, Pix2Rep)",
         description="Pretrain a U-Net encoder (Pix2Rep: the whole U-Net) on CT slices by contrastive learning.",
-        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+        epilog=EPILOG, formatter_class=HelpFormatter)
     parser.add_argument("--method", required=True, choices=["polycl-s", "polycl-o", "polycl-m", "simclr", "pix2rep"],
                         help=METHOD_HELP)
     parser.add_argument("--data", nargs="+", required=True,
                         help="CT files, folders of CT files, or DICOM series folders (label files are skipped)")
     parser.add_argument("--labels", help="folder of label volumes for organ presence T(s) "
                         "(<case>_liver.nii.gz for <case>_ct.nii.gz, or the same file name); "
-                        "labels next to the CTs are found without this")
+                        "labels next to the CTs are found without this; default: none)")
     parser.add_argument("--flags", help="JSON of per-slice organ presence for scans without labels "
-                        "({case: [0,1,...]} or {case: {num_slices, present, absent}})")
+                        "({case: [0,1,...]} or {case: {num_slices, present, absent}}; default: none)")
     parser.add_argument("--organ", default="liver", help="label file suffix (<case>_<organ>.nii.gz; default liver)")
     parser.add_argument("-o", "--output", required=True, help="output checkpoint (.safetensors / .ckpt)")
-    parser.add_argument("--architecture", default="polycl_unet", choices=["polycl_unet", "resunet"])
+    parser.add_argument("--architecture", default="polycl_unet", choices=["polycl_unet", "resunet"], help="network")
     parser.add_argument("--epochs", type=int, default=100, help="total epochs (default 100)")
     parser.add_argument("--batch-size", type=int, default=20,
                         help="global minibatch M, split over torchrun processes (default 20; PolyCL tau = 1/M)")
@@ -56,11 +58,12 @@ def add_pretrain_command(subparsers: argparse._SubParsersAction) -> argparse.Arg
     parser.add_argument("--strict-negatives", action="store_true",
                         help="PolyCL-M: fail instead of taking a negative from the other source when none exists")
     parser.add_argument("--pixel-pairs", type=int, default=1000, help="Pix2Rep pixel pairs per batch (default 1000)")
-    parser.add_argument("--resume", help="continue from this checkpoint's saved epoch (may equal --output)")
+    parser.add_argument("--resume", help="continue from this checkpoint's saved epoch (may equal --output; "
+                        "default: start afresh)")
     parser.add_argument("--save-every", type=int, default=10, help="write a checkpoint every N epochs (default 10)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="random seed")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
-                        help="auto: CUDA when available (torchrun: one GPU per process, NCCL; CPU: gloo)")
+                        help="auto: CUDA when available (torchrun: one GPU per process, NCCL; CPU: gloo); default auto")
     parser.add_argument("--cache-dir", help="slice cache folder (default $POLYCL_CACHE or ~/.cache/polycl)")
     parser.add_argument("--no-cache", action="store_true", help="re-read every volume (the cache is still refreshed)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output checkpoint")

@@ -13,7 +13,7 @@ import copy
 import math
 import os
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -21,10 +21,10 @@ import torch
 import torch.nn.functional as F
 
 from . import __version__
-from .checkpoints import default_card, load_pretrained_init, save_model
-from .devices import resolve_device
+from .checkpoints import default_card, load_pretrained_init, read_checkpoint, save_model
+from .devices import configure_precision, place, resolve_device
 from .io import Volume, check_same_grid
-from .models import build_model
+from .models import build_model, check_input_size
 from .preprocessing import CanonicalOrientation, middle_slices, resize_slices, validate_ct, window
 from .progress import CancelFlag
 from .training import (
@@ -41,20 +41,26 @@ from .training import (
 
 @dataclass
 class FinetuneConfig:
-    """Defaults follow the papers: Adam lr 1e-3, batch 10, 100 epochs, restarts every 10 epochs."""
+    """Defaults follow the papers: Adam lr 1e-3, batch 10, 100 epochs, restarts every 10 epochs.
 
-    architecture: str = "polycl_unet"
+    ``architecture`` and ``input_size`` left at None take the ``init`` checkpoint's (else
+    polycl_unet, 256 px); ``architecture_args`` update the checkpoint's own (see ``resolve_config``).
+    """
+
+    architecture: str | None = None
     architecture_args: dict = field(default_factory=dict)
-    input_size: int = 256
+    input_size: int | None = None
     epochs: int = 100
     batch_size: int = 10
     lr: float = 1e-3
     restart_epochs: int = 10
-    val_fraction: float = 0.2  # fraction of scans held out (at least one when > 0 and >= 2 scans)
+    val_fraction: float = 0.2  # fraction of scans held out, rounded (0.2 of 2 scans holds out none)
     middle_fraction: float | None = None  # papers' option: train on the middle 30 % of slices only
     augment: bool = True
     seed: int = 0
     device: str = "auto"
+    slices: str = "all"  # "annotated": only slices with label foreground + empty_slices (polycl.sparse)
+    empty_slices: list = field(default_factory=list)  # liver-free array slices k ([k, ...] or one list per scan)
 
 
 @dataclass
@@ -83,9 +89,9 @@ def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1
     return (1 - dice).mean()
 
 
-def slices_from_pairs(pairs: list[tuple[Volume, Volume]], size: int, middle_fraction: float | None = None
-                      ) -> SliceSet:
-    """Canonical, windowed, resized slices of every (CT, mask) pair."""
+def slices_from_pairs(pairs: list[tuple[Volume, Volume]], size: int, middle_fraction: float | None = None,
+                      keep: list[list[int]] | None = None) -> SliceSet:
+    """Canonical, windowed, resized slices of every (CT, mask) pair (only canonical slices ``keep[scan]``)."""
     images, masks, scan_ids = [], [], []
     for scan, (ct, label) in enumerate(pairs):
         for note in validate_ct(ct.array, ct.source or f"scan {scan}"):
@@ -95,8 +101,10 @@ def slices_from_pairs(pairs: list[tuple[Volume, Volume]], size: int, middle_frac
         ct_slices = orientation.to_canonical(ct.array)
         label_slices = orientation.to_canonical(label.array) > 0
         if middle_fraction:
-            keep = middle_slices(len(ct_slices), middle_fraction)
-            ct_slices, label_slices = ct_slices[keep], label_slices[keep]
+            middle = middle_slices(len(ct_slices), middle_fraction)
+            ct_slices, label_slices = ct_slices[middle], label_slices[middle]
+        if keep is not None:
+            ct_slices, label_slices = ct_slices[keep[scan]], label_slices[keep[scan]]
         image = window(torch.from_numpy(np.ascontiguousarray(ct_slices, np.float32))[:, None])
         mask = torch.from_numpy(np.ascontiguousarray(label_slices, np.float32))[:, None]
         images.append(resize_slices(image, size))
@@ -105,11 +113,36 @@ def slices_from_pairs(pairs: list[tuple[Volume, Volume]], size: int, middle_frac
     return SliceSet(torch.cat(images), torch.cat(masks), np.concatenate(scan_ids))
 
 
+def resolve_config(config: FinetuneConfig, init: str | os.PathLike | None = None
+                   ) -> tuple[FinetuneConfig, list[str]]:
+    """Fill architecture, its args and input size from the init checkpoint's card; notes on a changed size.
+
+    Raises ValueError for an invalid input size (see ``models.check_input_size``).
+    """
+    card = read_checkpoint(init)[1] if init is not None else {}
+    architecture = config.architecture or card.get("architecture", "polycl_unet")
+    args = dict(card.get("architecture_args", {})) if architecture == card.get("architecture") else {}
+    size = check_input_size(int(card.get("input_size", 256)) if config.input_size is None else config.input_size)
+    notes = []
+    if card and size != card["input_size"]:
+        notes.append(f"input size {size} px differs from the {card['input_size']} px the initial checkpoint "
+                     f"{Path(init).name} was trained at; its features will not transfer fully "
+                     f"(omit the size to keep {card['input_size']})")
+    resolved = replace(config, architecture=architecture, architecture_args={**args, **config.architecture_args},
+                       input_size=size)
+    return resolved, notes
+
+
 def split_scans(num_scans: int, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
-    """Random split of scan indices; validation gets ceil(fraction * n) scans, training at least one."""
+    """Random split of scan indices; validation gets round(fraction * n) scans, never more than training."""
     if num_scans == 0:
         raise ValueError("no training scans given")
-    val_count = 0 if val_fraction <= 0 or num_scans < 2 else min(num_scans - 1, math.ceil(val_fraction * num_scans))
+    if not 0 <= val_fraction < 1:
+        raise ValueError(f"validation fraction {val_fraction} must be in [0, 1)")
+    val_count = min(num_scans - 1, math.floor(val_fraction * num_scans + 0.5))
+    if val_count > num_scans - val_count:
+        raise ValueError(f"validation fraction {val_fraction} would hold out {val_count} of {num_scans} scans "
+                         f"and train on {num_scans - val_count}; use at most 0.5")
     order = np.random.default_rng(seed).permutation(num_scans).tolist()
     return sorted(order[val_count:]), sorted(order[:val_count])
 
@@ -120,11 +153,11 @@ def augment_batch(images: torch.Tensor, masks: torch.Tensor, generator: torch.Ge
     count = images.shape[0]
 
     def uniform(low: float, high: float) -> torch.Tensor:
-        return low + (high - low) * torch.rand(count, generator=generator)
+        return low + (high - low) * torch.rand(count, generator=generator, device=generator.device)
 
     angle = uniform(-math.pi / 12, math.pi / 12)
     scale = uniform(0.85, 1.15)
-    theta = torch.zeros(count, 2, 3)
+    theta = torch.zeros(count, 2, 3, device=generator.device)  # drawn on the generator's device: same per seed
     theta[:, 0, 0] = torch.cos(angle) / scale
     theta[:, 0, 1] = -torch.sin(angle) / scale
     theta[:, 1, 0] = torch.sin(angle) / scale
@@ -165,7 +198,9 @@ def finetune(pairs: list[tuple[Volume, Volume]], output: str | os.PathLike, conf
              overwrite: bool = False, data_description: dict | None = None,
              recipe_notes: dict | None = None) -> FinetuneResult:
     """Train a segmentation network on (CT, mask) pairs and save the best epoch to ``output``."""
-    config = config or FinetuneConfig()
+    config, notes = resolve_config(config or FinetuneConfig(), init)
+    for note in notes:
+        warnings.warn(note, stacklevel=2)
     output = Path(output)
     if output.exists() and not overwrite:
         raise FileExistsError(f"{output} exists; pass overwrite=True (--overwrite) or choose a new file")
@@ -173,19 +208,36 @@ def finetune(pairs: list[tuple[Volume, Volume]], output: str | os.PathLike, conf
         raise FileExistsError("the output would replace the initial checkpoint; choose a new file")
     seed_everything(config.seed)
     device = resolve_device(config.device)
-    model = build_model(config.architecture, **config.architecture_args).to(device)
+    configure_precision("auto", device)  # CUDA: TF32 + cuDNN autotuning; training itself runs in float32
+    model = place(build_model(config.architecture, **config.architecture_args), device)
     init_card = load_pretrained_init(model, init) if init is not None else None
-    data = slices_from_pairs(pairs, config.input_size, config.middle_fraction)
-    train_scans, val_scans = split_scans(len(pairs), config.val_fraction, config.seed)
-    train, val = _subset(data, train_scans, device), _subset(data, val_scans, device)
-    batches = num_batches(len(train.images), config.batch_size)
+    sparse, slice_card, repeats = config.slices == "annotated", {}, 1
+    if sparse:
+        from .sparse import repeats_per_epoch
+        from .sparse_training import sparse_training_sets
+
+        train, val, slice_card = sparse_training_sets(pairs, config, device)
+        train_scans, val_scans, repeats = list(range(len(pairs))), [], repeats_per_epoch(len(train.images))
+    elif config.slices != "all":
+        raise ValueError(f"unknown slice mode {config.slices!r}; use 'all' or 'annotated'")
+    elif config.empty_slices:
+        raise ValueError("empty slices only apply to sparse finetuning (slices='annotated')")
+    else:
+        data = slices_from_pairs(pairs, config.input_size, config.middle_fraction)
+        train_scans, val_scans = split_scans(len(pairs), config.val_fraction, config.seed)
+        train, val = _subset(data, train_scans, device), _subset(data, val_scans, device)
+    batches = num_batches(len(train.images) * repeats, config.batch_size)
     optimizer, scheduler = make_optimizer(model.parameters(), config.lr, batches, config.restart_epochs)
     generator = torch.Generator().manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
     best = {"score": math.inf, "epoch": 0, "state": None, "metrics": {}}
+    if sparse and init is not None and len(val.images):  # epoch 0: keep the initial weights unless beaten
+        start = evaluate_slices(model, val, config.batch_size)
+        best.update(score=start["val_loss"], state=copy.deepcopy(model.state_dict()), metrics=start)
+        slice_card["initial_val_dice"] = round(start["val_dice"], 5)
 
     def make_batches(epoch: int):
-        for index in batches_of(np.arange(len(train.images)), config.batch_size, rng):
+        for index in batches_of(np.tile(np.arange(len(train.images)), repeats), config.batch_size, rng):
             index = torch.from_numpy(index).to(device)
             images, masks = train.images[index], train.masks[index]
             yield augment_batch(images, masks, generator) if config.augment else (images, masks)
@@ -205,6 +257,9 @@ def finetune(pairs: list[tuple[Volume, Volume]], output: str | os.PathLike, conf
     history = fit(model, config.epochs, make_batches, loss_fn, optimizer, scheduler, end_of_epoch,
                   progress, cancel, on_batch=on_batch, batches_per_epoch=batches)
     model.load_state_dict(best["state"])
+    if sparse and best["epoch"] == 0:
+        warnings.warn("no epoch beat the initial model on the held-out painted slices; the new checkpoint "
+                      "keeps the initial weights (paint more slices or lower the learning rate)", stacklevel=2)
     card = default_card(
         config.architecture, config.architecture_args, config.input_size, kind="segmentation",
         polycl_version=__version__,
@@ -213,8 +268,8 @@ def finetune(pairs: list[tuple[Volume, Volume]], output: str | os.PathLike, conf
                 "init": str(init) if init else "random",
                 "init_method": (init_card or {}).get("recipe", {}).get("method"), **(recipe_notes or {})},
         data={"scans": [ct.source or f"scan {i}" for i, (ct, _) in enumerate(pairs)],
-              "train_scans": train_scans, "val_scans": val_scans, "slices": int(len(data.images)),
-              **(data_description or {})},
+              "train_scans": train_scans, "val_scans": val_scans,
+              "slices": int(len(train.images) + len(val.images)), **slice_card, **(data_description or {})},
         metrics={"best_epoch": best["epoch"], **{k: round(v, 5) for k, v in best["metrics"].items()}},
     )
     path = save_model(output, model.cpu(), card, overwrite=True)

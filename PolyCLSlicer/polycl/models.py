@@ -183,6 +183,16 @@ MODEL_BUILDERS: dict[str, Callable[..., SegmentationNet]] = {
 }
 
 
+MIN_INPUT_SIZE = 32  # four 2x poolings leave 2x2 px; InstanceNorm needs more than one pixel
+
+
+def check_input_size(size: object) -> int:
+    """The model input size in pixels if valid (an int, multiple of 16, at least 32), else ValueError."""
+    if isinstance(size, bool) or not isinstance(size, int) or size < MIN_INPUT_SIZE or size % 16:
+        raise ValueError(f"input size {size!r} must be a multiple of 16 and at least {MIN_INPUT_SIZE} px")
+    return size
+
+
 def build_model(name: str, **kwargs) -> SegmentationNet:
     """Build a segmentation network by registry name."""
     if name not in MODEL_BUILDERS:

@@ -1,9 +1,10 @@
-"""Sample CT volumes: download with SHA256 check into the user's cache, or use a local data folder.
+"""Sample CT volumes: embedded in the package, from a local data folder, or downloaded with a SHA256 check.
 
-Resolution order for a sample: the user cache (checksum verified) -> a local data folder
-(``$POLYCL_DATA``, else ``../shared/data`` beside the repository or the working directory) ->
-download from the sample's URL (atomic, checksum verified).  Nothing is fetched when a local copy
-exists, so every path works offline.
+The default sample ``totalseg_sm`` (CT + liver mask, TotalSegmentator test files, Apache-2.0; see
+``sample_data/NOTICE.md``) ships inside the package, so it works offline on any machine.  Other
+samples resolve: the user cache (checksum verified) -> a local data folder (``$POLYCL_DATA``, else
+``../shared/data`` beside the repository or the working directory) -> download from the sample's URL
+(atomic, checksum verified).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pathlib import Path
 from .io import atomic_write
 
 REPOSITORY_ROOT = Path(__file__).resolve().parents[2]
+EMBEDDED_DIR = Path(__file__).resolve().parent / "sample_data"
 DATA_ENV = "POLYCL_DATA"
 
 
@@ -30,6 +32,7 @@ class Sample:
     url: str | None = None  # None: only available from a local data folder
     local_path: str | None = None  # relative to the data folder
     label_path: str | None = None  # reference liver mask, relative to the data folder
+    embedded: bool = False  # shipped in sample_data/ as <filename> and <name>_liver.nii.gz
 
 
 SAMPLES: dict[str, Sample] = {
@@ -41,8 +44,10 @@ SAMPLES: dict[str, Sample] = {
                local_path="labeled/totalseg_dcm_ct.nii.gz", label_path="labeled/totalseg_dcm_liver.nii.gz"),
         Sample("totalseg_sm", "totalseg_sm_ct.nii.gz",
                "68dd27de0963491c187781a6042cfdad1ee01788f888cdcb9fc1ce4ce5c6e381",
-               "30-slice abdominal CT, 3 mm isotropic (TotalSegmentator test files, Apache-2.0)",
-               local_path="labeled/totalseg_sm_ct.nii.gz", label_path="labeled/totalseg_sm_liver.nii.gz"),
+               "30-slice abdominal CT, 3 mm isotropic, with liver mask (TotalSegmentator test files, "
+               "Apache-2.0; embedded, works offline)",
+               local_path="labeled/totalseg_sm_ct.nii.gz", label_path="labeled/totalseg_sm_liver.nii.gz",
+               embedded=True),
         Sample("dcmqi_3slice", "dcmqi_3slice_ct.nii.gz",
                "7e72a44ddd66ad89a4eacc2d3ca0c1bbb0d4720bfa57074ad6849dc1d52e8bb6",
                "3 liver CT slices (QIICR dcmqi test data)",
@@ -54,7 +59,7 @@ SAMPLES: dict[str, Sample] = {
                    "e16eae0ae6fefa858c5c11e58f0f1bb81834d81b7102e021571056324ef6f37e"),
     )
 }
-DEFAULT_SAMPLE = "totalseg_dcm"
+DEFAULT_SAMPLE = "totalseg_sm"
 
 
 def cache_dir() -> Path:
@@ -110,6 +115,11 @@ def fetch_sample(name: str = DEFAULT_SAMPLE, allow_download: bool = True) -> Pat
     if name not in SAMPLES:
         raise KeyError(f"unknown sample {name!r}; known: {', '.join(SAMPLES)}")
     sample = SAMPLES[name]
+    if sample.embedded:
+        embedded = EMBEDDED_DIR / sample.filename
+        if sha256_of(embedded) != sample.sha256:
+            raise ValueError(f"{embedded} does not match the checksum of sample {name}; reinstall polycl")
+        return embedded
     cached = cache_dir() / sample.filename
     if cached.is_file() and sha256_of(cached) == sample.sha256:
         return cached
@@ -130,14 +140,17 @@ def fetch_sample(name: str = DEFAULT_SAMPLE, allow_download: bool = True) -> Pat
         return download(sample.url, cached, sample.sha256)
     except OSError as error:
         raise FileNotFoundError(
-            f"cannot download sample {name} ({error}); offline, use a local sample such as "
-            f"{DEFAULT_SAMPLE} with ${DATA_ENV} set"
+            f"cannot download sample {name} ({error}); offline, use the embedded sample {DEFAULT_SAMPLE}"
         ) from None
 
 
 def sample_label(name: str) -> Path | None:
-    """Reference liver mask of a local sample, if any."""
+    """Reference liver mask of an embedded or local sample, if any."""
+    if name not in SAMPLES:
+        raise KeyError(f"unknown sample {name!r}; known: {', '.join(SAMPLES)}")
     sample = SAMPLES[name]
+    if sample.embedded:
+        return EMBEDDED_DIR / f"{sample.name}_liver.nii.gz"
     for folder in data_dirs():
         if sample.label_path and (folder / sample.label_path).is_file():
             return folder / sample.label_path

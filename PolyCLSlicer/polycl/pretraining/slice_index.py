@@ -23,13 +23,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..cases import VOLUME_SUFFIXES, case_name, find_volumes, is_label_file  # noqa: F401  (re-exported)
 from ..io import atomic_write, read_mask, read_volume
 from ..preprocessing import CanonicalOrientation, middle_slices, resize_slices, window
 from ..progress import CancelFlag, check_cancel
 
-VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
-LABEL_MARKERS = ("_liver", "_label", "_labels", "_mask", "_seg")
-CT_MARKERS = ("_ct", "_0000", "_image")
 CACHE_VERSION = "1"
 UNKNOWN = -1
 
@@ -103,73 +101,6 @@ class SliceIndex:
 
 # ---------------------------------------------------------------------------------------------
 # Discovering volumes and labels
-
-
-def _strip_suffix(name: str) -> str:
-    lower = name.lower()
-    for suffix in VOLUME_SUFFIXES + (".seg.nrrd",):
-        if lower.endswith(suffix):
-            return name[: -len(suffix)]
-    return name
-
-
-def case_name(path: str | os.PathLike) -> str:
-    """``totalseg_sm_ct.nii.gz`` -> ``totalseg_sm``; a DICOM folder -> its folder name."""
-    stem = _strip_suffix(Path(path).name)
-    for marker in CT_MARKERS:
-        if stem.lower().endswith(marker):
-            return stem[: -len(marker)]
-    return stem
-
-
-def is_label_file(path: str | os.PathLike) -> bool:
-    name = Path(path).name.lower()
-    return name.endswith(".seg.nrrd") or _strip_suffix(name).endswith(LABEL_MARKERS)
-
-
-def _is_volume_file(path: Path) -> bool:
-    return path.is_file() and path.name.lower().endswith(VOLUME_SUFFIXES) and not path.name.startswith(".")
-
-
-def _is_dicom_file(path: Path) -> bool:
-    if path.suffix.lower() == ".dcm":
-        return True
-    try:
-        with open(path, "rb") as handle:
-            return handle.read(132)[128:] == b"DICM"
-    except OSError:
-        return False
-
-
-def _is_dicom_folder(path: Path) -> bool:
-    """A folder holding DICOM files (``.dcm`` or files with the DICM preamble; first 20 files checked)."""
-    if not path.is_dir():
-        return False
-    files = [p for p in sorted(path.iterdir()) if p.is_file() and not p.name.startswith(".")][:20]
-    return any(_is_dicom_file(p) for p in files)
-
-
-def find_volumes(paths: Iterable[str | os.PathLike]) -> list[Path]:
-    """Expand files and folders into CT volumes (volume files except label files; DICOM folders)."""
-    found: list[Path] = []
-    for raw in paths:
-        path = Path(raw)
-        if not path.exists():
-            raise SliceIndexError(f"{path}: no such file or folder")
-        if path.is_file():
-            found.append(path)
-            continue
-        files = sorted(p for p in path.iterdir() if _is_volume_file(p) and not is_label_file(p))
-        if files:
-            found.extend(files)
-        elif _is_dicom_folder(path):
-            found.append(path)
-        else:
-            found.extend(sorted(p for p in path.iterdir() if _is_dicom_folder(p)))
-    unique = list(dict.fromkeys(p.resolve() for p in found))
-    if not unique:
-        raise SliceIndexError(f"no CT volumes found in {', '.join(str(p) for p in paths)}")
-    return unique
 
 
 def find_label(volume: Path, labels_dir: str | os.PathLike | None = None,

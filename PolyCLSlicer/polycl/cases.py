@@ -1,0 +1,108 @@
+"""Finding CT volumes and their label files by name: the one rule ``pretrain`` and ``finetune`` share.
+
+A case ``name`` is stored as ``name_ct.nii.gz`` (or ``_0000`` / ``_image``, or no marker) beside
+``name_liver.nii.gz`` (or ``_label(s)`` / ``_mask`` / ``_seg``, or ``.seg.nrrd``).  Folders expand to
+their CT files (label files skipped) or, when they hold DICOM files, to one DICOM series folder.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
+LABEL_MARKERS = ("_liver", "_label", "_labels", "_mask", "_seg")
+CT_MARKERS = ("_ct", "_0000", "_image")
+
+
+class CaseDiscoveryError(ValueError):
+    """No usable volumes under the given paths."""
+
+
+def strip_suffix(name: str) -> str:
+    """File name without its volume extension (``.seg.nrrd`` included)."""
+    lower = name.lower()
+    for suffix in (".seg.nrrd",) + VOLUME_SUFFIXES:
+        if lower.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def case_name(path: str | os.PathLike) -> str:
+    """``totalseg_sm_ct.nii.gz`` and ``totalseg_sm_liver.nii.gz`` -> ``totalseg_sm``; a DICOM folder -> its name."""
+    stem = strip_suffix(Path(path).name)
+    for marker in CT_MARKERS + LABEL_MARKERS:
+        if stem.lower().endswith(marker):
+            return stem[: -len(marker)]
+    return stem
+
+
+def is_label_file(path: str | os.PathLike) -> bool:
+    """Whether a file name marks a label volume (``_liver``, ``_mask``, ... or ``.seg.nrrd``)."""
+    name = Path(path).name.lower()
+    return name.endswith(".seg.nrrd") or strip_suffix(name).endswith(LABEL_MARKERS)
+
+
+def is_volume_file(path: Path) -> bool:
+    return path.is_file() and path.name.lower().endswith(VOLUME_SUFFIXES) and not path.name.startswith(".")
+
+
+def _is_dicom_file(path: Path) -> bool:
+    if path.suffix.lower() == ".dcm":
+        return True
+    try:
+        with open(path, "rb") as handle:
+            return handle.read(132)[128:] == b"DICM"
+    except OSError:
+        return False
+
+
+def is_dicom_folder(path: Path) -> bool:
+    """A folder holding DICOM files (``.dcm`` or files with the DICM preamble; first 20 files checked)."""
+    if not path.is_dir():
+        return False
+    files = [p for p in sorted(path.iterdir()) if p.is_file() and not p.name.startswith(".")][:20]
+    return any(_is_dicom_file(p) for p in files)
+
+
+def find_volumes(paths: Iterable[str | os.PathLike]) -> list[Path]:
+    """Expand files and folders into CT volumes (volume files except label files; DICOM folders)."""
+    paths = list(paths)
+    found: list[Path] = []
+    for raw in paths:
+        path = Path(raw)
+        if not path.exists():
+            raise CaseDiscoveryError(f"{path}: no such file or folder")
+        if path.is_file():
+            found.append(path)
+            continue
+        files = sorted(p for p in path.iterdir() if is_volume_file(p) and not is_label_file(p))
+        if files:
+            found.extend(files)
+        elif is_dicom_folder(path):
+            found.append(path)
+        else:
+            found.extend(sorted(p for p in path.iterdir() if is_dicom_folder(p)))
+    unique = list(dict.fromkeys(p.resolve() for p in found))
+    if not unique:
+        raise CaseDiscoveryError(f"no CT volumes found in {', '.join(str(p) for p in paths)}")
+    return unique
+
+
+def find_label_files(paths: Iterable[str | os.PathLike]) -> list[Path]:
+    """Label volumes: files as given; a folder gives its label files, or all its volume files if none is marked."""
+    found: list[Path] = []
+    for raw in paths:
+        path = Path(raw)
+        if not path.exists():
+            raise CaseDiscoveryError(f"{path}: no such file or folder")
+        if path.is_file():
+            found.append(path)
+            continue
+        volumes = sorted(p for p in path.iterdir() if is_volume_file(p) or p.name.lower().endswith(".seg.nrrd"))
+        labels = [p for p in volumes if is_label_file(p)]
+        found.extend(labels or volumes)
+    if not found:
+        raise CaseDiscoveryError(f"no label volumes found in {', '.join(str(p) for p in paths)}")
+    return list(dict.fromkeys(p.resolve() for p in found))
