@@ -32,6 +32,7 @@ check_slicer_version()  # Slicer < 5.10 (Python 3.9): refuse with a clear messag
 from PolyCLSlicerLib import core, dependencies, mrml, sample_data, selftest  # noqa: E402
 from PolyCLSlicerLib.sample_data import PROJECT_URL  # noqa: E402
 from PolyCLSlicerLib.tasks import FinetuneOutcome, MaskResult, Task, TaskRunner, WorkerJob  # noqa: E402
+from PolyCLSlicerLib.undo import undo_on_error  # noqa: E402
 from PolyCLSlicerLib.worker_client import shared_client  # noqa: E402
 
 try:  # only inside the Slicer application
@@ -620,14 +621,16 @@ class PolyCLSlicerLogic(ScriptedLoadableModuleLogic):
         }, {"mask": None})
 
         def apply(output: MaskResult) -> SegmentReport:
-            node = segmentationNode or mrml.new_segmentation_node(volumeNode)
-            segmentId = self._targetSegment(node, volumeNode, segmentName, overwrite)
-            mrml.write_segment_mask(node, segmentId, output.mask, matrix)
-            review = [
-                {**row, "ras": mrml.slice_center_ras(volumeNode, output.axis, row["slice"])}
-                for row in output.disagreements
-            ]
-            mrml.store_review(node, segmentId, output.axis, output.disagreements)  # replaces an older list
+            # create-then-rollback: a failure removes what this apply created and restores what it changed
+            with undo_on_error(mrml.scene_of(volumeNode), segmentationNode, changes_existing_segments=overwrite):
+                node = segmentationNode or mrml.new_segmentation_node(volumeNode)
+                segmentId = self._targetSegment(node, volumeNode, segmentName, overwrite)
+                mrml.write_segment_mask(node, segmentId, output.mask, matrix)
+                review = [
+                    {**row, "ras": mrml.slice_center_ras(volumeNode, output.axis, row["slice"])}
+                    for row in output.disagreements
+                ]
+                mrml.store_review(node, segmentId, output.axis, output.disagreements)  # replaces an older list
             return self._report(node, segmentId, output.mask, matrix, output.axis, started, output.warnings, review)
 
         return Task("segmentation", job, MaskResult.read, apply, self.worker)
@@ -759,13 +762,14 @@ class PolyCLSlicerLogic(ScriptedLoadableModuleLogic):
             "bounds": None if bounds is None else [int(b) for b in bounds], "device": device}, {"mask": None})
 
         def apply(output: MaskResult) -> SegmentReport:
-            if overwrite:
-                targetId = segmentId
-            else:
-                name = mrml.unique_segment_name(segmentationNode, outputSegmentName or f"{sourceName} propagated")
-                targetId = segmentationNode.GetSegmentation().AddEmptySegment("", name)
-                mrml.set_liver_terminology(segmentationNode.GetSegmentation().GetSegment(targetId))
-            mrml.write_segment_mask(segmentationNode, targetId, output.mask, matrix)
+            with undo_on_error(mrml.scene_of(volumeNode), segmentationNode, changes_existing_segments=overwrite):
+                if overwrite:
+                    targetId = segmentId
+                else:
+                    name = mrml.unique_segment_name(segmentationNode, outputSegmentName or f"{sourceName} propagated")
+                    targetId = segmentationNode.GetSegmentation().AddEmptySegment("", name)
+                    mrml.set_liver_terminology(segmentationNode.GetSegmentation().GetSegment(targetId))
+                mrml.write_segment_mask(segmentationNode, targetId, output.mask, matrix)
             report = self._report(segmentationNode, targetId, output.mask, matrix, output.axis, started, [], [])
             report.notes = [f"engine: {output.engine}", *output.stops]
             return report

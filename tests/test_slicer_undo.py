@@ -138,3 +138,78 @@ def test_success_keeps_everything(scene, volume):
         mask[5:10, 5:10, 2:4] = 1
         mrml.write_segment_mask(node, segment_id, mask, mrml.ijk_to_ras(volume))
     np.testing.assert_array_equal(mrml.segment_mask(node, segment_id, volume), mask)
+
+
+# ------------------------------------------------------------------- the Logic's apply steps, real failures
+def switch_to_closed_surface(node) -> None:
+    """What a user can do while a job runs: make closed surface the segmentation's source representation."""
+    node.CreateClosedSurfaceRepresentation()
+    node.GetSegmentation().SetSourceRepresentationName(
+        slicer.vtkSegmentationConverter.GetClosedSurfaceRepresentationName())
+
+
+@pytest.fixture()
+def labelmap_segmentation(scene, volume):
+    """Segmentation with an existing 'Liver' (own colour, no terminology) and 'Spleen', plus a review list."""
+    node = mrml.new_segmentation_node(volume, "mine")
+    matrix = mrml.ijk_to_ras(volume)
+    liver, spleen = np.zeros(SHAPE, np.uint8), np.zeros(SHAPE, np.uint8)
+    liver[5:20, 5:20, 4:12] = 1
+    spleen[25:35, 20:30, 6:10] = 1
+    ids = {}
+    for name, mask in (("Liver", liver), ("Spleen", spleen)):
+        ids[name] = node.GetSegmentation().AddEmptySegment("", name)
+        mrml.write_segment_mask(node, ids[name], mask, matrix)
+    node.GetSegmentation().GetSegment(ids["Liver"]).SetColor(0.1, 0.2, 0.9)
+    mrml.store_review(node, ids["Liver"], 2, [{"slice": 7, "dice": 0.4}])
+    return node, ids
+
+
+def result(mask: np.ndarray):
+    from PolyCLSlicerLib.tasks import MaskResult
+
+    return MaskResult(mask, {"axis": 2, "disagreements": [{"slice": 3, "dice": 0.2}], "warnings": [],
+                             "engine": "litemedsam", "stops": []})
+
+
+@pytest.mark.parametrize("overwrite", [True, False])
+def test_segment_apply_that_fails_leaves_the_segmentation_as_it_was(scene, volume, labelmap_segmentation, overwrite):
+    import PolyCLSlicer
+
+    node, _ = labelmap_segmentation
+    task = PolyCLSlicer.PolyCLSlicerLogic().segmentTask(volume, node, overwrite=overwrite)
+    switch_to_closed_surface(node)  # while the job computes
+    before, nodes_before = state(node, volume), undo.node_ids(scene)
+    with pytest.raises(mrml.GeometryError, match="closed surface"):
+        task.apply(result(np.ones(SHAPE, np.uint8)))
+    assert state(node, volume) == before and undo.node_ids(scene) == nodes_before
+
+
+def test_segment_apply_into_a_new_node_that_fails_removes_the_node(scene, volume):
+    import PolyCLSlicer
+
+    task = PolyCLSlicer.PolyCLSlicerLogic().segmentTask(volume)
+    nodes_before = undo.node_ids(scene)
+    with pytest.raises(mrml.GeometryError, match="3-D"):
+        task.apply(result(np.ones((4, 4), np.uint8)))  # e.g. a damaged worker output
+    assert undo.node_ids(scene) == nodes_before
+    report = task.apply(result(np.ones(SHAPE, np.uint8)))  # the same task still applies a good result
+    assert mrml.segment_names(report.segmentationNode) == ["Liver"]
+
+
+@pytest.mark.parametrize("overwrite", [True, False])
+def test_propagate_apply_that_fails_leaves_the_segmentation_as_it_was(scene, volume, labelmap_segmentation,
+                                                                      overwrite):
+    import PolyCLSlicer
+
+    node, ids = labelmap_segmentation
+    seed = np.zeros(SHAPE, np.uint8)
+    seed[8:16, 8:16, 8] = 1
+    annotation = node.GetSegmentation().AddEmptySegment("", "Liver annotation")
+    mrml.write_segment_mask(node, annotation, seed, mrml.ijk_to_ras(volume))
+    task = PolyCLSlicer.PolyCLSlicerLogic().propagateTask(volume, node, annotation, overwrite=overwrite)
+    switch_to_closed_surface(node)
+    before = state(node, volume)
+    with pytest.raises(mrml.GeometryError, match="closed surface"):
+        task.apply(result(np.ones(SHAPE, np.uint8)))
+    assert state(node, volume) == before
