@@ -384,3 +384,16 @@ def test_every_option_shows_its_default_and_every_command_has_examples():
 def test_sample_label_prints_only_the_mask(capsys):
     assert main(["sample", "--label"]) == 0
     assert capsys.readouterr().out.split() == [str(PACKAGE / "sample_data" / "totalseg_sm_liver.nii.gz")]
+
+
+def test_dicom_folder_with_a_ct_series_and_a_seg_object_segments_the_ct(data_dir, tmp_path, capsys,
+                                                                      single_torch_thread):
+    """The shared folder holds 3 CT slices, liver.dcm (a DICOM SEG) and an NRRD: the SEG is not an image series."""
+    folder = data_dir / "dicom" / "dcmqi_3slice"
+    assert (folder / "liver.dcm").is_file()
+    reference = data_dir / "labeled" / "dcmqi_3slice_liver.nii.gz"
+    for extra in ([], ["--series", "1"]):
+        assert main(["segment", str(folder), "-o", str(tmp_path / "liver.seg.nrrd"), "--overwrite",
+                     "--reference", str(reference), *extra]) == 0
+        dice = float(re.search(r"Dice (\d\.\d+)", capsys.readouterr().out).group(1))
+        assert dice > 0.9  # the starter model on a case it was trained on, read from DICOM
