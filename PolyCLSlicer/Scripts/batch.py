@@ -8,7 +8,9 @@ Under plain Python with slicer-core (CI, servers):
 Writes ``<name>.seg.nrrd`` (segment "Liver", SNOMED CT terminology, geometry of the input) and, with
 ``--nifti``, ``<name>_liver.nii.gz`` per input volume.  A file that cannot be read or segmented is
 reported and skipped; a summary table is printed; the exit code is 1 when any input failed
-(2 when the input does not exist).
+(2 when the input does not exist).  Missing Python packages are reported before any work.  Any other
+error ends the script with a one-line message and exit code 1: under ``--python-script`` an uncaught
+exception would leave a headless Slicer running forever.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+import traceback
 from pathlib import Path
 
 MODULE_DIR = Path(__file__).resolve().parent.parent
@@ -78,10 +81,16 @@ def format_table(rows: list[tuple[str, ...]], header: tuple[str, ...]) -> str:
 
 def run(args: argparse.Namespace) -> int:
     import slicer
-    from PolyCLSlicerLib import mrml
+    from PolyCLSlicerLib import dependencies, mrml, undo
 
     from PolyCLSlicer import HAS_APP, PolyCLSlicerLogic
 
+    needed = dependencies.missing(args.refine)  # checked before any work; a headless run installs nothing
+    if needed:
+        print("batch: error: Python packages not installed: " + ", ".join(needed) + ". Open the PolyCL Liver "
+              "module in Slicer and press Apply once to install them (it asks first), then run again.",
+              file=sys.stderr)
+        return 1
     try:
         inputs = find_inputs(args.input)
     except FileNotFoundError as error:
@@ -104,7 +113,7 @@ def run(args: argparse.Namespace) -> int:
         stems.add(stem)
         target = args.output / f"{stem}.seg.nrrd"
         started = time.perf_counter()
-        before = {scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes())}
+        before = undo.node_ids(scene)
         try:
             if target.exists() and not args.overwrite:
                 rows.append((path.name, "skipped", "", "", "0.0", f"{target.name} exists (--overwrite)"))
@@ -124,10 +133,7 @@ def run(args: argparse.Namespace) -> int:
             message = (str(error).strip().splitlines() or [type(error).__name__])[-1]
             rows.append((path.name, "FAILED", "", "", f"{time.perf_counter() - started:.1f}", message))
         finally:
-            for i in reversed(range(scene.GetNumberOfNodes())):
-                node = scene.GetNthNode(i)
-                if node is not None and node.GetID() not in before:
-                    scene.RemoveNode(node)
+            undo.remove_nodes_except(scene, before)
         print(f"[{number}/{len(inputs)}] {path.name}: {rows[-1][1]}", file=sys.stderr, flush=True)
     print(format_table(rows, ("input", "status", "liver ml", "slices", "seconds", "output / reason")))
     print(f"\n{len(inputs) - failed} of {len(inputs)} processed, {failed} failed; outputs in {args.output}")
@@ -138,11 +144,31 @@ def main(argv: list[str] | None = None) -> int:
     return run(parse_args(argv))
 
 
-if __name__ == "__main__":
-    code = main(sys.argv[1:])
+def guarded_main(argv: list[str] | None = None) -> int:
+    """``main`` whose every way out is an exit code: 0 done, 1 failed (one-line message), 2 usage / no input."""
+    try:
+        return main(argv)
+    except SystemExit as stop:  # argparse usage errors and --help
+        if stop.code is None or isinstance(stop.code, int):
+            return stop.code or 0
+        print(stop.code, file=sys.stderr)
+        return 1
+    except BaseException as error:  # noqa: BLE001  (KeyboardInterrupt too: the app must still exit)
+        traceback.print_exc(file=sys.stderr)
+        message = (str(error).strip().splitlines() or [type(error).__name__])[-1]
+        print(f"batch: error: {message}", file=sys.stderr)
+        return 1
+
+
+def leave(code: int) -> None:
+    """Exit with ``code``; inside Slicer through slicer.util.exit (``--python-script`` does not exit by itself)."""
     import slicer
 
-    if hasattr(slicer, "app"):  # inside Slicer: leave the application with the batch's status
+    if hasattr(slicer, "app"):
         slicer.util.exit(code)
     else:
         sys.exit(code)
+
+
+if __name__ == "__main__":
+    leave(guarded_main(sys.argv[1:]))
