@@ -272,11 +272,8 @@ class PolyCLSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterNodeModified)
 
     def onSceneStartClose(self, caller: Any, event: Any) -> None:
-        if hasattr(self, "_timer"):
-            self._timer.stop()
-        self._job = None
-        if self.logic is not None:
-            self.logic.worker.stop()
+        if self._job is not None:
+            self._job.runner.request_cancel()
             self._job.discard = True
         self.setParameterNode(None)
 
@@ -363,11 +360,8 @@ class PolyCLSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         return False
 
     def onApplyButton(self) -> None:
-        if hasattr(self, "_timer"):
-            self._timer.stop()
-        self._job = None
-        if self.logic is not None:
-            self.logic.worker.stop()
+        if self._job is not None:
+            self._job.runner.request_cancel()
             return
         p = self._parameterNode
         if not self._ensureDependencies(p.refiner.value):
@@ -419,11 +413,8 @@ class PolyCLSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             slicer.modules.markups.logic().JumpSlicesToLocation(*position, True)
 
     def onPropagateButton(self) -> None:
-        if hasattr(self, "_timer"):
-            self._timer.stop()
-        self._job = None
-        if self.logic is not None:
-            self.logic.worker.stop()
+        if self._job is not None:
+            self._job.runner.request_cancel()
             return
         p = self._parameterNode
         sam2 = optionalPath(p.sam2Checkpoint)
@@ -453,11 +444,8 @@ class PolyCLSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             )
 
     def onFinetuneButton(self) -> None:
-        if hasattr(self, "_timer"):
-            self._timer.stop()
-        self._job = None
-        if self.logic is not None:
-            self.logic.worker.stop()
+        if self._job is not None:
+            self._job.runner.request_cancel()
             return
         p = self._parameterNode
         if not self._ensureDependencies(statusLabel=self.ui.finetuneStatusLabel):
