@@ -598,9 +598,12 @@ class PolyCLSlicerLogic(ScriptedLoadableModuleLogic):
         """Read the volume now; compute in the worker; ``apply`` writes the Liver segment."""
         if volumeNode is None:
             raise ValueError("select an input CT volume")
+        if volumeNode.IsA("vtkMRMLLabelMapVolumeNode"):
+            raise ValueError(f"{volumeNode.GetName()!r} is a labelmap (a segmentation), not a CT; select the CT volume")
         array, matrix = mrml.volume_array(volumeNode), mrml.ijk_to_ras(volumeNode)
         if segmentationNode is not None:
             mrml.check_no_transform(segmentationNode)
+            mrml.check_labelmap_source(segmentationNode)
         refinerCheckpoint = {"sam": samCheckpoint, "sam2": sam2Checkpoint}.get(refiner)
         started = time.perf_counter()
         job = WorkerJob("segment", {"volume": (array, matrix)}, {
