@@ -397,3 +397,27 @@ def test_dicom_folder_with_a_ct_series_and_a_seg_object_segments_the_ct(data_dir
                      "--reference", str(reference), *extra]) == 0
         dice = float(re.search(r"Dice (\d\.\d+)", capsys.readouterr().out).group(1))
         assert dice > 0.9  # the starter model on a case it was trained on, read from DICOM
+
+
+def test_batch_rerun_with_nifti_writes_only_the_missing_outputs_and_a_summary(tmp_path, capsys, single_torch_thread):
+    pytest.importorskip("slicer")
+    import csv
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("polycl_batch", ROOT / "PolyCLSlicer" / "Scripts" / "batch.py")
+    batch = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(batch)
+    out = tmp_path / "out"
+    args = ["--input", str(samples.fetch_sample()), "--output", str(out), "--device", "cpu"]
+    assert batch.main(args) == 0
+    seg = out / "totalseg_sm_ct.seg.nrrd"
+    first = seg.read_bytes()
+    assert not (out / "totalseg_sm_ct_liver.nii.gz").exists()
+    assert batch.main(args + ["--nifti"]) == 0  # the .seg.nrrd exists, the NIfTI does not: write it
+    assert "1 of 1 processed, 0 skipped (outputs exist), 0 failed" in capsys.readouterr().out
+    assert (out / "totalseg_sm_ct_liver.nii.gz").is_file() and seg.read_bytes() == first
+    assert batch.main(args + ["--nifti"]) == 0
+    assert "0 of 1 processed, 1 skipped (outputs exist), 0 failed" in capsys.readouterr().out
+    with open(out / "summary.csv", newline="") as handle:
+        rows = list(csv.reader(handle))
+    assert rows[0][:2] == ["input", "status"] and rows[1][:2] == ["totalseg_sm_ct.nii.gz", "skipped"]

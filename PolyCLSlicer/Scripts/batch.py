@@ -2,12 +2,13 @@
 
 Inside 3D Slicer (no window):
     Slicer --no-main-window --python-script PolyCLSlicer/Scripts/batch.py --input DIR_OR_FILE --output DIR
-Under plain Python with slicer-core (CI, servers):
-    python PolyCLSlicer/Scripts/batch.py --input DIR_OR_FILE --output DIR
+With the project's environment (slicer-core; CI, servers):
+    .venv/bin/python PolyCLSlicer/Scripts/batch.py --input DIR_OR_FILE --output DIR
 
 Writes ``<name>.seg.nrrd`` (segment "Liver", SNOMED CT terminology, geometry of the input) and, with
-``--nifti``, ``<name>_liver.nii.gz`` per input volume.  A file that cannot be read or segmented is
-reported and skipped; a summary table is printed; the exit code is 1 when any input failed
+``--nifti``, ``<name>_liver.nii.gz`` per input volume (existing outputs are kept unless ``--overwrite``; a
+re-run writes only the missing ones), and ``summary.csv`` with the printed table.  A file that cannot
+be read or segmented is reported and skipped; the exit code is 1 when any input failed
 (2 when the input does not exist).  Missing Python packages are reported before any work.  Any other
 error ends the script with a one-line message and exit code 1: under ``--python-script`` an uncaught
 exception would leave a headless Slicer running forever.
@@ -105,39 +106,54 @@ def run(args: argparse.Namespace) -> int:
     options = {"checkpoint": args.checkpoint, "device": args.device, "refiner": args.refine,
                "samCheckpoint": args.sam_checkpoint, "samModel": args.sam_model,
                "sam2Checkpoint": args.sam2_checkpoint, "sam2Config": args.sam2_config}
-    rows, failed, stems = [], 0, set()
+    rows, stems = [], set()
     for number, path in enumerate(inputs, start=1):
         stem = volume_stem(path)
         while stem in stems:  # a.nii.gz and a.nrrd in one folder
             stem += "_"
         stems.add(stem)
-        target = args.output / f"{stem}.seg.nrrd"
+        targets = [args.output / f"{stem}.seg.nrrd"] + ([args.output / f"{stem}_liver.nii.gz"] if args.nifti else [])
+        missing = targets if args.overwrite else [t for t in targets if not t.exists()]
         started = time.perf_counter()
         before = undo.node_ids(scene)
         try:
-            if target.exists() and not args.overwrite:
-                rows.append((path.name, "skipped", "", "", "0.0", f"{target.name} exists (--overwrite)"))
+            if not missing:
+                rows.append((path.name, "skipped", "", "", "0.0",
+                             f"{', '.join(t.name for t in targets)} exist (--overwrite replaces them)"))
             else:
                 volume = logic.loadVolume(scene, path, stem)
                 report = logic.segment(volume, **options)
-                # polycl.io.write_mask: the same .seg.nrrd writer (Liver segment + terminology) as `polycl segment`
-                logic.exportSegment(report.segmentationNode, report.segmentId, volume, target)
-                if args.nifti:
-                    logic.exportSegment(report.segmentationNode, report.segmentId, volume,
-                                        args.output / f"{stem}_liver.nii.gz")
-                note = "; ".join([target.name, *report.warnings])
+                for target in missing:  # polycl.io.write_mask: the writer `polycl segment` uses (.seg.nrrd: Liver)
+                    logic.exportSegment(report.segmentationNode, report.segmentId, volume, target)
+                note = "; ".join([", ".join(t.name for t in missing), *report.warnings])
                 rows.append((path.name, "ok", f"{report.volumeMl:.1f}", str(len(report.slices)),
                              f"{time.perf_counter() - started:.1f}", note))
         except Exception as error:  # one bad file must not stop the batch
-            failed += 1
             message = (str(error).strip().splitlines() or [type(error).__name__])[-1]
             rows.append((path.name, "FAILED", "", "", f"{time.perf_counter() - started:.1f}", message))
         finally:
             undo.remove_nodes_except(scene, before)
         print(f"[{number}/{len(inputs)}] {path.name}: {rows[-1][1]}", file=sys.stderr, flush=True)
-    print(format_table(rows, ("input", "status", "liver ml", "slices", "seconds", "output / reason")))
-    print(f"\n{len(inputs) - failed} of {len(inputs)} processed, {failed} failed; outputs in {args.output}")
-    return 1 if failed else 0
+    header = ("input", "status", "liver ml", "slices", "seconds", "output / reason")
+    print(format_table(rows, header))
+    summary = write_summary(args.output / "summary.csv", rows, header)
+    count = {status: sum(row[1] == status for row in rows) for status in ("ok", "skipped", "FAILED")}
+    print(f"\n{count['ok']} of {len(inputs)} processed, {count['skipped']} skipped (outputs exist), "
+          f"{count['FAILED']} failed; outputs in {args.output}, table in {summary.name}")
+    return 1 if count["FAILED"] else 0
+
+
+def write_summary(path: Path, rows: list[tuple[str, ...]], header: tuple[str, ...]) -> Path:
+    """The batch's table as CSV beside its outputs (written atomically)."""
+    import csv
+
+    from polycl.io import atomic_write
+
+    def write(temp: Path) -> None:
+        with open(temp, "w", newline="", encoding="utf-8") as handle:
+            csv.writer(handle).writerows([header, *rows])
+
+    return atomic_write(path, write, suffix=".csv")
 
 
 def main(argv: list[str] | None = None) -> int:
