@@ -197,12 +197,15 @@ class WorkerClient:
         except (BrokenPipeError, OSError, ValueError):
             pass  # already gone: the reader reports the exit
 
-    def stop(self) -> None:
-        """Stop the worker (it restarts on the next job); a running job ends as cancelled."""
+    def stop(self, grace: float = 1.0) -> None:
+        """Stop the worker (it restarts on the next job); a running job ends as cancelled.
+
+        Asks it to exit (end of stdin), then terminates, then kills, ``grace`` seconds apart.
+        """
         if self.current is not None and not self.current.ended:
             self.current.abandon("cancelled", "stopped")
         if self._process is not None:
-            self._process.stop()
+            self._process.stop(grace)
             self._process = None
 
 
@@ -244,7 +247,7 @@ class JobRun:
         if not self.ended and self.cancel_deadline is not None and time.monotonic() > self.cancel_deadline:
             self.abandon("cancelled", f"cancelled (the worker did not stop within {self.client.cancel_timeout:g} s "
                                       "and was terminated)")
-            self.client.stop()  # the next job starts a fresh worker
+            self.client.stop(grace=0.5)  # the next job starts a fresh worker
             events, self._pending = events + self._pending, []
         return events
 

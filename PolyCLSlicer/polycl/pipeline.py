@@ -67,8 +67,9 @@ class ModelCache:
                 self._models[slot] = (key, build())
             return self._models[slot][1]
 
-    def holds(self, slot: str) -> bool:
-        return slot in self._models
+    def loaded(self) -> list[str]:
+        """Slots that hold a model now ('segmenter', 'tracker')."""
+        return sorted(self._models)
 
     def segmenter(self, checkpoint: str | os.PathLike | None, device: str = "auto") -> Any:
         from .inference import Segmenter
@@ -207,8 +208,11 @@ def propagate(models: ModelCache, array: np.ndarray, matrix: np.ndarray, annotat
 def finetune(pairs: list[tuple[np.ndarray, np.ndarray, np.ndarray, str]], output: str | os.PathLike,
              init: str | os.PathLike | None, epochs: int, learning_rate: float, device: str = "auto",
              batch_size: int = 10, val_fraction: float = 0.2, progress: ProgressFn | None = None,
-             cancel: CancelFlag | None = None) -> Any:
-    """Finetune from ``init`` on (CT, mask, IJK->RAS, name) tuples; writes ``output`` only on success."""
+             cancel: CancelFlag | None = None, slices: str = "all", empty_slices: list | None = None) -> Any:
+    """Finetune from ``init`` on (CT, mask, IJK->RAS, name) tuples; writes ``output`` only on success.
+
+    ``slices="annotated"`` trains only on slices with mask foreground plus ``empty_slices`` (polycl.sparse).
+    """
     from .finetuning import FinetuneConfig
     from .finetuning import finetune as run_finetune
     from .io import Volume
@@ -217,7 +221,8 @@ def finetune(pairs: list[tuple[np.ndarray, np.ndarray, np.ndarray, str]], output
     card = model_card(init)
     config = FinetuneConfig(architecture=card["architecture"], architecture_args=dict(card["architecture_args"]),
                             input_size=int(card["input_size"]), epochs=int(epochs), lr=float(learning_rate),
-                            batch_size=int(batch_size), val_fraction=val_fraction, device=device)
+                            batch_size=int(batch_size), val_fraction=val_fraction, device=device,
+                            slices=slices, empty_slices=list(empty_slices or []))
     volumes = [(Volume(ct, m, name), Volume(mask, m, name)) for ct, mask, m, name in pairs]
     state = {"epoch": 0}
 
@@ -233,3 +238,18 @@ def finetune(pairs: list[tuple[np.ndarray, np.ndarray, np.ndarray, str]], output
 
     return run_finetune(volumes, output, config, init=checkpoint_path(init), progress=on_epoch, cancel=cancel,
                         on_batch=on_batch, data_description={"source": "3D Slicer scene (PolyCLSlicer)"})
+
+
+def suggest(models: ModelCache, array: np.ndarray, matrix: np.ndarray, checkpoint: str | os.PathLike | None = None,
+            count: int = 1, annotated: np.ndarray | None = None, device: str = "auto",
+            progress: ProgressFn | None = None, cancel: CancelFlag | None = None) -> dict:
+    """Slices to paint next (polycl.suggest) and the model's liver extent, as array indices along the axial
+    axis: ``{"slices", "scores", "axis", "annotated", "liver_extent"}``; annotated slices are never suggested."""
+    from .sparse import annotated_slices
+    from .suggest import suggest_slices
+
+    progress = progress or no_progress
+    progress(0.0, "loading model")
+    painted = [] if annotated is None else annotated_slices(annotated, matrix)
+    found = suggest_slices(models.segmenter(checkpoint, device), array, matrix, count, painted, progress, cancel)
+    return {**found.to_json(), "axis": found.axis, "annotated": painted, "liver_extent": found.liver_extent}

@@ -34,7 +34,7 @@ from typing import IO, Any
 
 from .progress import Cancelled
 
-TASKS = ("segment", "refine", "propagate", "finetune")
+TASKS = ("segment", "refine", "propagate", "finetune", "suggest")
 
 
 class JobError(ValueError):
@@ -153,6 +153,7 @@ class Worker:
 
     def run(self, job: Job) -> None:
         started, modules_before, warm = time.perf_counter(), set(sys.modules), "torch" in sys.modules
+        models_before = self.models.loaded()
 
         def progress(fraction: float, message: str) -> None:
             self.events.send(id=job.id, progress=round(min(max(float(fraction), 0.0), 1.0), 4), message=str(message))
@@ -160,6 +161,8 @@ class Worker:
         try:
             if job.cancel.is_set():
                 raise Cancelled(f"{job.task} cancelled")
+            for name in job.outputs:  # refuse before any work, not after it
+                output_path(job, name)
             outputs, result = HANDLERS[job.task](self, job, progress)
         except Cancelled:
             self.events.send(id=job.id, cancelled=True)
@@ -168,7 +171,8 @@ class Worker:
                              details=traceback.format_exc())
         else:
             stats = {"pid": os.getpid(), "seconds": round(time.perf_counter() - started, 3),
-                     "torch_was_loaded": warm, "new_modules": len(set(sys.modules) - modules_before)}
+                     "torch_was_loaded": warm, "new_modules": len(set(sys.modules) - modules_before),
+                     "models_loaded_before": models_before}
             self.events.send(id=job.id, done=True, outputs=outputs, result=result, stats=stats)
 
 
@@ -295,7 +299,8 @@ def run_finetune(worker: Worker, job: Job, progress: Callable) -> tuple[dict, di
     from .io import read_mask, read_volume
 
     options = options_of(job, {"init": None, "epochs": 20, "learning_rate": 1e-4, "device": "auto",
-                               "batch_size": 10, "val_fraction": 0.2, "names": None})
+                               "batch_size": 10, "val_fraction": 0.2, "names": None, "slices": "all",
+                               "empty_slices": None})
     images, labels = job.inputs.get("images") or [], job.inputs.get("labels") or []
     if not images or len(images) != len(labels):
         raise JobError("finetune: give as many 'labels' as 'images' (at least one)")
@@ -309,8 +314,21 @@ def run_finetune(worker: Worker, job: Job, progress: Callable) -> tuple[dict, di
     return {"checkpoint": str(result.path)}, {"best_epoch": result.best_epoch, "card": result.card}
 
 
+def run_suggest(worker: Worker, job: Job, progress: Callable) -> tuple[dict, dict]:
+    """Slices to paint next; input ``annotated`` (optional mask) marks slices never to suggest."""
+    from . import pipeline
+    from .io import read_volume
+
+    options = options_of(job, {"checkpoint": None, "count": 1, "device": "auto"})
+    volume = read_volume(input_path(job, "volume"))
+    annotated = read_grid_mask(job, "annotated", volume, required=False)
+    return {}, pipeline.suggest(worker.models, volume.array, volume.ijk_to_ras, annotated=annotated,
+                                progress=progress, cancel=job.cancel, **options)
+
+
 HANDLERS: dict[str, Callable[[Worker, Job, Callable], tuple[dict, dict]]] = {
     "segment": run_segment, "refine": run_refine, "propagate": run_propagate, "finetune": run_finetune,
+    "suggest": run_suggest,
 }
 
 
