@@ -366,3 +366,18 @@ def test_python_executable_inside_the_app_is_pythonslicer(monkeypatch, tmp_path)
         worker_client.python_executable()
     monkeypatch.delattr(slicer, "app")
     assert worker_client.python_executable() == sys.executable
+
+
+def test_atomic_write_never_changes_the_process_umask(tmp_path, monkeypatch):
+    """Writing a file must not toggle the process-wide umask (other threads create files meanwhile)."""
+    from polycl.io import write_mask
+
+    previous = os.umask(0o027)
+    try:
+        calls = []
+        monkeypatch.setattr(os, "umask", lambda *args: calls.append(args))
+        path = write_mask(tmp_path / "mask.nrrd", np.ones((8, 8, 2), np.uint8), np.eye(4), compress=False)
+        monkeypatch.undo()
+    finally:
+        os.umask(previous)
+    assert calls == [] and (path.stat().st_mode & 0o777) == 0o640  # 0666 minus the umask, as for any new file

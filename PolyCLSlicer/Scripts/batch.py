@@ -8,7 +8,9 @@ With the project's environment (slicer-core; CI, servers):
 Writes ``<name>.seg.nrrd`` (segment "Liver", SNOMED CT terminology, geometry of the input) and, with
 ``--nifti``, ``<name>_liver.nii.gz`` per input volume (existing outputs are kept unless ``--overwrite``; a
 re-run writes only the missing ones), and ``summary.csv`` with the printed table.  A file that cannot
-be read or segmented is reported and skipped; the exit code is 1 when any input failed
+be read or segmented is reported and skipped (the computation runs in the PolyCL worker process,
+started once and kept warm for the whole batch; a crash of it fails one file, the next starts a new
+worker); the exit code is 1 when any input failed
 (2 when the input does not exist).  Missing Python packages are reported before any work.  Any other
 error ends the script with a one-line message and exit code 1: under ``--python-script`` an uncaught
 exception would leave a headless Slicer running forever.
