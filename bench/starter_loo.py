@@ -1,61 +1,81 @@
 """Leave-one-case-out evaluation of the starter-model recipe on the labelled shared cases.
 
-Run:  .venv/bin/python bench/starter_loo.py [--data DIR] [--epochs 80] [--out DIR]
+Run:  nice -n 10 .venv/bin/python bench/starter_loo.py --pseudo /tmp/pseudo [--recipe pseudo] [--jobs 3] [--out DIR]
 
-For each labelled case: `polycl finetune` with the starter recipe on the other two cases, then
-`polycl segment` the held-out case and report 3D Dice, HD and HD95 (mm) against its mask.
+For each labelled case: ``bench/train_starter.py --exclude CASE`` (the recipe of the bundled starter,
+without that case and without any other scan of the same patient), then segment the held-out case
+and report 3D Dice, HD and HD95 (mm) against its mask.  ``--recipe labelled`` is the previous
+starter's data (the three labelled cases only).  ``--jobs`` trains the folds in parallel processes.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "PolyCLSlicer"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import CASES, ROOT, data_root, machine  # noqa: E402  (also puts polycl on sys.path)
 
-from polycl.cli import main as polycl  # noqa: E402
 from polycl.inference import Segmenter  # noqa: E402
 from polycl.io import read_mask, read_volume  # noqa: E402
 from polycl.metrics import evaluate  # noqa: E402
-from polycl.samples import data_dir  # noqa: E402
 
-CASES = ("totalseg_sm", "totalseg_dcm", "dcmqi_3slice")
-STARTER_RECIPE = ["--size", "128", "--batch-size", "4", "--dropout", "0.1", "--val-fraction", "0", "--seed", "0"]
+
+def train_folds(args: argparse.Namespace, extra: list[str]) -> dict[str, float]:
+    """Train one checkpoint per held-out case (``--jobs`` at a time); minutes per fold."""
+    started, minutes, running = {}, {}, {}
+    pending = list(CASES)
+    while pending or running:
+        while pending and len(running) < args.jobs:
+            case = pending.pop(0)
+            command = [sys.executable, str(ROOT / "bench" / "train_starter.py"), "--recipe", args.recipe,
+                       "--exclude", case, "-o", str(args.out / f"without_{case}.safetensors"), *extra]
+            if args.pseudo:
+                command += ["--pseudo", str(args.pseudo)]
+            log = open(args.out / f"without_{case}.log", "w")  # noqa: SIM115  (closed with the process)
+            running[case] = (subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT), log)
+            started[case] = time.perf_counter()
+        time.sleep(5)
+        for case, (process, log) in list(running.items()):
+            if process.poll() is not None:
+                log.close()
+                if process.returncode:
+                    sys.exit(f"fold without {case} failed; see {args.out / f'without_{case}.log'}")
+                minutes[case] = round((time.perf_counter() - started[case]) / 60, 1)
+                del running[case]
+    return minutes
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", type=Path, default=data_dir())
-    parser.add_argument("--epochs", type=int, default=80)
+    parser.add_argument("--data", default=None)
+    parser.add_argument("--recipe", default="pseudo", choices=["labelled", "negatives", "pseudo"])
+    parser.add_argument("--pseudo", type=Path, help="bench/pseudo_labels.py output (recipe pseudo)")
+    parser.add_argument("--jobs", type=int, default=1)
     parser.add_argument("--out", type=Path, default=Path(tempfile.mkdtemp(prefix="polycl-loo-")))
-    args = parser.parse_args()
-    labeled = args.data / "labeled"
+    args, extra = parser.parse_known_args()  # anything else goes to bench/train_starter.py
+    labeled = data_root(args.data) / "labeled"
+    args.out.mkdir(parents=True, exist_ok=True)
+    print(machine(), f"\nfolds in {args.out}", flush=True)
+    minutes = train_folds(args, extra)
     rows = []
     for held_out in CASES:
-        train = [case for case in CASES if case != held_out]
-        checkpoint = args.out / f"without_{held_out}.safetensors"
-        started = time.perf_counter()
-        code = polycl(["finetune", "--images", *[str(labeled / f"{c}_ct.nii.gz") for c in train],
-                       "--labels", *[str(labeled / f"{c}_liver.nii.gz") for c in train], "-o", str(checkpoint),
-                       "--epochs", str(args.epochs), "--overwrite", *STARTER_RECIPE])
-        if code:
-            return code
-        minutes = (time.perf_counter() - started) / 60
         ct = read_volume(labeled / f"{held_out}_ct.nii.gz")
         reference = read_mask(labeled / f"{held_out}_liver.nii.gz", ct)
-        mask = Segmenter.from_checkpoint(checkpoint).segment(ct.array, ct.ijk_to_ras).mask
+        checkpoint = args.out / f"without_{held_out}.safetensors"
+        mask = Segmenter.from_checkpoint(checkpoint, device="cpu").segment(ct.array, ct.ijk_to_ras).mask
         metrics = evaluate(mask, reference.array, ct.ijk_to_ras)
-        rows.append({"held_out": held_out, "train": train, "train_minutes": round(minutes, 1), **metrics})
+        rows.append({"held_out": held_out, "recipe": args.recipe, "train_minutes": minutes[held_out], **metrics})
         print(json.dumps(rows[-1]), flush=True)
-    print("\n| held-out case | trained on | 3D Dice | HD95 mm | HD mm | train min |")
+    print("\n| held-out case | recipe | 3D Dice | HD95 mm | HD mm | train min |")
     print("|---|---|---|---|---|---|")
     for row in rows:
-        print(f"| {row['held_out']} | {' + '.join(row['train'])} | {row['dice']:.3f} | {row['hd95_mm']:.1f} | "
+        print(f"| {row['held_out']} | {row['recipe']} | {row['dice']:.3f} | {row['hd95_mm']:.1f} | "
               f"{row['hd_mm']:.1f} | {row['train_minutes']} |")
     mean = sum(r["dice"] for r in rows) / len(rows)
     print(f"\nmean leave-one-case-out 3D Dice: {mean:.3f}")
