@@ -1,0 +1,138 @@
+"""Which axial slice to paint next: where the segmentation model is least reliable.
+
+Reliability comes from test-time augmentation (TTA): the model segments every slice under a few small
+geometric and intensity perturbations (identity, zoom in/out, rotation with contrast change), each
+prediction is mapped back, and a slice scores the summed Bernoulli variance ``4 p(1-p)`` of the mean
+probability ``p``, divided by the area of a typical liver slice.  A slice scores high where the
+perturbed predictions disagree or stay undecided, i.e. where a painted slice teaches the model most.
+TTA needs only the segmentation network (4 passes at its own input size: seconds on a CPU); SAM
+disagreement would need an image encoder per slice (about 2 s each for LiteMedSAM on 2 CPU cores).
+
+Suggestions are spread along the liver: a slice closer than ``gap`` slices to a better-ranked or an
+annotated slice is skipped while others remain.  Every index is ``k`` along the input array's axial
+axis (the slice number 3D Slicer shows), whatever the array's axis order or direction.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .devices import autocast_context
+from .inference import Segmenter
+from .preprocessing import CanonicalOrientation, resize_slices, validate_ct, window
+from .progress import CancelFlag, ProgressFn, check_cancel, no_progress
+from .sparse import canonical_index
+
+# (zoom, rotation in degrees, intensity gain) of each test-time pass
+TTA_PASSES = ((1.0, 0.0, 1.0), (1.12, 0.0, 1.0), (0.9, 0.0, 1.0), (1.0, 10.0, 1.08))
+LIVER_PROBABILITY = 0.25  # a slice belongs to the liver range when any mean probability exceeds this
+
+
+@dataclass
+class Suggestion:
+    """Suggested slices (array indices along the axial axis, best first) and every slice's score."""
+
+    slices: list[int]
+    scores: list[float]
+    slice_scores: np.ndarray  # score of every array slice k (0 outside the predicted liver)
+    axis: int  # the array's axial axis
+    liver_extent: list[int] | None = None  # first and last array slice where the model finds liver
+
+    def to_json(self) -> dict:
+        return {"slices": self.slices, "scores": [round(s, 6) for s in self.scores]}
+
+
+def _affine(zoom: float, degrees: float, count: int) -> torch.Tensor:
+    angle = math.radians(degrees)
+    theta = torch.tensor([[math.cos(angle) / zoom, -math.sin(angle) / zoom, 0.0],
+                          [math.sin(angle) / zoom, math.cos(angle) / zoom, 0.0]])
+    return theta.expand(count, 2, 3)
+
+
+def _warp(images: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+    grid = F.affine_grid(theta.to(images.device, images.dtype), list(images.shape), align_corners=False)
+    return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def _inverse(theta: torch.Tensor) -> torch.Tensor:
+    full = torch.cat([theta[0], torch.tensor([[0.0, 0.0, 1.0]])])
+    return torch.linalg.inv(full)[:2].expand_as(theta)
+
+
+def tta_probability(segmenter: Segmenter, canonical: np.ndarray, batch_size: int | None = None,
+                    progress: ProgressFn = no_progress, cancel: CancelFlag | None = None) -> np.ndarray:
+    """Mean liver probability over the TTA passes for canonical (N, H, W) HU slices, at model size."""
+    batch_size = batch_size or segmenter.default_batch_size
+    count, size = len(canonical), segmenter.input_size
+    total = np.zeros((count, size, size), np.float32)
+    steps, done = len(TTA_PASSES) * math.ceil(count / batch_size), 0
+    with torch.inference_mode():
+        for start in range(0, count, batch_size):
+            batch = torch.from_numpy(np.ascontiguousarray(canonical[start:start + batch_size], np.float32))
+            batch = window(batch.to(segmenter.device)[:, None], segmenter.window["center"], segmenter.window["width"])
+            batch = resize_slices(batch, size)
+            for zoom, degrees, gain in TTA_PASSES:
+                check_cancel(cancel, "slice suggestion")
+                theta = _affine(zoom, degrees, len(batch))
+                with autocast_context(segmenter.device, segmenter.precision):
+                    logits = segmenter.model((_warp(batch, theta) * gain).clamp(0, 1)).float()
+                probability = _warp(torch.sigmoid(logits), _inverse(theta))
+                total[start:start + len(batch)] += probability[:, 0].cpu().numpy()
+                done += 1
+                progress(done / steps, f"uncertainty: pass {done}/{steps}")
+    return total / len(TTA_PASSES)
+
+
+def slice_scores(probability: np.ndarray) -> np.ndarray:
+    """Per-slice uncertainty of (N, S, S) mean probabilities (0 for slices outside the liver range)."""
+    variance = 4.0 * probability * (1.0 - probability)
+    liver = probability.reshape(len(probability), -1).max(1) > LIVER_PROBABILITY
+    if not liver.any():
+        return np.zeros(len(probability))
+    areas = (probability > 0.5).reshape(len(probability), -1).sum(1)
+    typical = max(float(np.median(areas[liver])), 0.01 * probability[0].size)
+    return np.where(liver, variance.reshape(len(probability), -1).sum(1) / typical, 0.0)
+
+
+def spread_ranking(scores: np.ndarray, count: int, excluded: Sequence[int] = (), gap: int | None = None
+                   ) -> list[int]:
+    """Up to ``count`` indices with positive score, best first, at least ``gap`` apart from each other
+    and from ``excluded`` (relaxed when too few remain); excluded indices are never returned."""
+    excluded = set(int(k) for k in excluded)
+    candidates = [int(k) for k in np.argsort(-scores, kind="stable") if scores[k] > 0 and int(k) not in excluded]
+    if gap is None:
+        liver = np.flatnonzero(scores > 0)
+        extent = int(liver[-1] - liver[0] + 1) if liver.size else 0
+        gap = max(1, extent // (2 * (count + len(excluded))) if count else 1)
+    chosen: list[int] = []
+    for spacing in (gap, 1):
+        for k in candidates:
+            if len(chosen) < count and k not in chosen and all(abs(k - o) >= spacing for o in [*chosen, *excluded]):
+                chosen.append(k)
+    return sorted(chosen, key=lambda k: -scores[k])
+
+
+def suggest_slices(segmenter: Segmenter, array: np.ndarray, ijk_to_ras: np.ndarray, count: int = 3,
+                   annotated: Sequence[int] = (), progress: ProgressFn = no_progress,
+                   cancel: CancelFlag | None = None) -> Suggestion:
+    """Rank the axial slices of a CT ([i, j, k] HU + IJK->RAS) to paint next; ``annotated`` (array
+    indices along the axial axis) are never suggested."""
+    if count < 1:
+        raise ValueError(f"count must be at least 1, got {count}")
+    validate_ct(array)
+    orientation = CanonicalOrientation.from_matrix(ijk_to_ras)
+    shape = np.shape(array)
+    probability = tta_probability(segmenter, orientation.to_canonical(array), progress=progress, cancel=cancel)
+    canonical_scores = slice_scores(probability)
+    scores = np.array([canonical_scores[canonical_index(orientation, shape, k)]
+                       for k in range(shape[orientation.slice_axis])])
+    slices = spread_ranking(scores, count, annotated)
+    liver = [k for k in range(len(scores)) if probability[canonical_index(orientation, shape, k)].max() > 0.5]
+    return Suggestion(slices, [float(scores[k]) for k in slices], scores, orientation.slice_axis,
+                      [liver[0], liver[-1]] if liver else None)
