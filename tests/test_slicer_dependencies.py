@@ -78,6 +78,10 @@ def test_versions_are_enforced(monkeypatch):
     assert dependencies.missing() == []
     machine.installed["torch"] = "2.6.0.dev20241001"  # nightlies satisfy >=2.4
     assert dependencies.missing() == []
+    machine.installed["torch"] = "2.5.1+cu121"  # PyTorch Utils (light-the-torch) installs local versions
+    assert dependencies.missing() == []
+    machine.installed["torch"] = "2.3.1+cpu"
+    assert dependencies.missing() == ["torch>=2.4"]
     assert "torchvision" in dependencies.missing("litemedsam") and "sam2==1.1.0" in dependencies.missing(
         propagation_engine="sam2")
 
