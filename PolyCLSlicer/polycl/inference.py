@@ -11,7 +11,7 @@ import torch
 from scipy import ndimage
 
 from .checkpoints import load_checkpoint
-from .devices import autocast_context, resolve_device, resolve_precision
+from .devices import autocast_context, configure_precision, place, resolve_device
 from .models import SegmentationNet
 from .preprocessing import CanonicalOrientation, resize_slices, validate_ct, window
 from .progress import CancelFlag, ProgressFn, check_cancel, no_progress
@@ -42,8 +42,8 @@ class Segmenter:
     def __init__(self, model: SegmentationNet, card: dict, device: str | torch.device = "auto",
                  precision: str = "auto"):
         self.device = resolve_device(device)
-        self.precision = resolve_precision(precision, self.device)
-        self.model = model.to(self.device).eval()
+        self.precision = configure_precision(precision, self.device)
+        self.model = place(model, self.device).eval()
         self.card = card
         self.input_size = int(card["input_size"])
         self.window = card.get("window", {"center": 40.0, "width": 400.0})

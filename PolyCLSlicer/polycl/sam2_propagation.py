@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
-from .devices import autocast_context, resolve_device, resolve_precision
+from .devices import autocast_context, configure_precision, place, resolve_device
 from .io import voxel_spacing
 from .preprocessing import CanonicalOrientation, window
 from .progress import CancelFlag, ProgressFn, check_cancel, no_progress
@@ -173,8 +173,8 @@ class Sam2Tracker:
 
     def __init__(self, predictor: torch.nn.Module, precision: str = "auto", device: str | torch.device = "auto"):
         self.device = resolve_device(device)
-        self.predictor = predictor.to(self.device).eval()
-        self.precision = resolve_precision(precision, self.device)
+        self.predictor = place(predictor, self.device).eval()
+        self.precision = configure_precision(precision, self.device)
         if self.precision == "bf16":
             bf16_encoder(self.predictor.image_encoder)  # the rest runs under bf16 autocast
         if getattr(self.predictor, "fill_hole_area", 0) > 0 and not _sam2_extension_available():
@@ -198,7 +198,8 @@ class Sam2Tracker:
         frames = _SliceFrames(ct, [seed, *order], int(self.predictor.image_size), self.device)
         state = self.init_state(frames, ct.shape[1], ct.shape[2])
         with autocast_context(self.device, self.precision):
-            self.predictor.add_new_mask(state, frame_idx=0, obj_id=1, mask=torch.from_numpy(seed_mask > 0))
+            seed = torch.from_numpy(seed_mask > 0).to(self.device)
+            self.predictor.add_new_mask(state, frame_idx=0, obj_id=1, mask=seed)
         quiet = mock.patch.object(video_module, "tqdm", lambda iterable, **_: iterable)  # no progress bar
         quiet.start()
         stream = self.predictor.propagate_in_video(state, start_frame_idx=0)

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from .devices import autocast_context, resolve_device, resolve_precision
+from .devices import autocast_context, configure_precision, place, resolve_device
 from .inference import keep_largest_component
 from .metrics import dice
 from .preprocessing import CanonicalOrientation, window
@@ -222,7 +222,7 @@ class Refiner:
     def __init__(self, device: str | torch.device = "auto", precision: str = "auto",
                  cache_bytes: int = DEFAULT_CACHE_BYTES):
         self.device = resolve_device(device)
-        self.precision = resolve_precision(precision, self.device)
+        self.precision = configure_precision(precision, self.device)
         self.cache = EmbeddingCache(cache_bytes)
         self.timings = {"encoder_s": 0.0, "encoder_images": 0, "decoder_s": 0.0, "decoder_boxes": 0}
         self._lock = threading.RLock()
@@ -285,11 +285,12 @@ class SamRefiner(Refiner):
         self.name = name
         self.optimize = optimize
         self.encoder_batch = max(1, int(encoder_batch))
-        self.sam = sam.to(self.device).eval()
-        if optimize:
-            fuse_conv_bn(self.sam.image_encoder)
+        sam = sam.eval()
+        if optimize:  # fold first, then move: folding builds new convs on the default device
+            fuse_conv_bn(sam.image_encoder)
             if self.device.type == "cpu":
-                self.sam.image_encoder.to(memory_format=torch.channels_last)
+                sam.image_encoder.to(memory_format=torch.channels_last)
+        self.sam = place(sam, self.device)
         self.image_size = int(self.sam.image_encoder.img_size)
         self.transform = ResizeLongestSide(self.image_size)
 
@@ -346,7 +347,7 @@ class Sam2ImageRefiner(Refiner):
 
         super().__init__(device, precision if optimize else "fp32", cache_bytes)
         self.optimize = optimize
-        self.model = sam2_model.to(self.device).eval()
+        self.model = place(sam2_model, self.device).eval()
         if self.precision == "bf16":
             bf16_encoder(self.model.image_encoder)
         self.predictor = SAM2ImagePredictor(self.model)
@@ -556,7 +557,7 @@ def load_sam2_model(checkpoint: str | os.PathLike | None, config: str | None = N
     hint = f"; is --sam2-config {config_name} the config of this checkpoint?"
     _check_shapes(model, state, path, f"SAM 2 ({config_name})", hint)
     _load_strict(model, state, path, f"SAM 2 ({config_name})", hint)
-    return model
+    return place(model, device)
 
 
 def build_sam2_refiner(checkpoint: str | os.PathLike | None, config: str | None = None,

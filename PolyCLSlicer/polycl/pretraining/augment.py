@@ -3,6 +3,9 @@
 Spatial transforms are affine maps in ``affine_grid``'s normalised coordinates (align_corners=False),
 which are resolution-independent: the same ``theta`` warps a 256² image and a 64² feature map
 consistently, which is what Pix2Rep's equivariance target needs.
+
+Devices: random numbers come from the caller's (CPU) generator, so a seed gives the same views on
+any device; every image-sized tensor is made on the images' device.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import torch.nn.functional as F
 
 
 def _uniform(count: int, low: float, high: float, generator: torch.Generator) -> torch.Tensor:
-    return low + (high - low) * torch.rand(count, generator=generator)
+    return low + (high - low) * torch.rand(count, generator=generator, device=generator.device)
 
 
 def random_affine(count: int, generator: torch.Generator, max_rotation_deg: float = 30.0,
@@ -23,8 +26,9 @@ def random_affine(count: int, generator: torch.Generator, max_rotation_deg: floa
     """(count, 2, 3) thetas: rotation, zoom-in crop (scale < 1 = crop), shift, horizontal flip."""
     angle = _uniform(count, -1, 1, generator) * math.radians(max_rotation_deg)
     zoom = _uniform(count, scale[0], scale[1], generator)
-    sign = torch.where(torch.rand(count, generator=generator) < 0.5, -1.0, 1.0) if flip else torch.ones(count)
-    theta = torch.zeros(count, 2, 3)
+    draws = _uniform(count, 0, 1, generator)
+    sign = torch.where(draws < 0.5, -1.0, 1.0) if flip else torch.ones_like(draws)
+    theta = torch.zeros(count, 2, 3, device=draws.device)
     theta[:, 0, 0] = torch.cos(angle) * zoom * sign
     theta[:, 0, 1] = -torch.sin(angle) * zoom
     theta[:, 1, 0] = torch.sin(angle) * zoom * sign
@@ -71,11 +75,11 @@ def intensity_transform(images: torch.Tensor, generator: torch.Generator, streng
     x = images.clamp(0, 1) ** per_image(1 - 0.4 * s, 1 + 0.6 * s)
     mean = x.mean(dim=(1, 2, 3), keepdim=True)
     x = (x - mean) * per_image(1 - 0.4 * s, 1 + 0.4 * s) + mean + per_image(-0.2 * s, 0.2 * s)
-    blur = torch.rand(count, generator=generator) < 0.5
-    sigma = torch.where(blur, _uniform(count, 0.1, 1.5 * s, generator), torch.zeros(count))
+    blur = _uniform(count, 0, 1, generator) < 0.5
+    sigma = torch.where(blur, _uniform(count, 0.1, 1.5 * s, generator), 0.0)
     if bool(blur.any()):
         x = gaussian_blur(x, sigma)
-    noise = torch.randn(images.shape, generator=generator).to(images.device)
+    noise = torch.randn(images.shape, generator=generator, device=generator.device).to(images.device)
     x = x + noise * per_image(0.0, 0.05 * s)
     return x.clamp(0, 1)
 

@@ -32,7 +32,7 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, tau: float = 0.5) -> torch.Tenso
     z = F.normalize(torch.cat([z1, z2]), dim=1)
     logits = z @ z.t() / tau
     logits = logits.masked_fill(torch.eye(2 * count, dtype=torch.bool, device=z.device), float("-inf"))
-    target = torch.cat([torch.arange(count, 2 * count), torch.arange(count)]).to(z.device)
+    target = torch.cat([torch.arange(count, 2 * count, device=z.device), torch.arange(count, device=z.device)])
     return F.cross_entropy(logits, target)
 
 
@@ -42,8 +42,9 @@ def sample_pixel_pairs(valid: torch.Tensor, count: int, generator: torch.Generat
     flat = valid.reshape(-1).nonzero().squeeze(1)
     if len(flat) == 0:
         raise ValueError("no valid pixel to sample (the spatial transform moved the whole image out)")
-    choice = torch.randperm(len(flat), generator=generator)[:count] if len(flat) > count else \
-        torch.arange(len(flat))
+    draw_device = generator.device if generator is not None else "cpu"  # same draws per seed on any device
+    choice = torch.randperm(len(flat), generator=generator, device=draw_device)[:count] if len(flat) > count else \
+        torch.arange(len(flat), device=flat.device)
     picked = flat[choice.to(flat.device)]
     per_image = valid.shape[1] * valid.shape[2]
     return picked // per_image, picked % per_image

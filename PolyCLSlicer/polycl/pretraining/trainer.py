@@ -30,7 +30,7 @@ from torch.utils.data import DistributedSampler
 
 from .. import __version__
 from ..checkpoints import atomic_write, default_card, read_checkpoint, save_checkpoint
-from ..devices import resolve_device
+from ..devices import configure_precision, distributed_backend, place, resolve_device
 from ..models import ProjectionHead, SegmentationNet, UNetDecoder, build_model
 from ..progress import CancelFlag
 from ..training import BatchCallback, EpochCallback, EpochReport, fit, make_optimizer, seed_everything
@@ -163,7 +163,8 @@ class DistContext:
 def init_distributed(device: str = "auto") -> DistContext:
     """Join the torchrun process group when launched by torchrun (idempotent); else single process.
 
-    Backend: NCCL when the process uses CUDA, gloo otherwise.  Each process uses ``cuda:LOCAL_RANK``.
+    Backend: :func:`~polycl.devices.distributed_backend` (NCCL for CUDA processes, gloo otherwise).
+    Each process uses ``cuda:LOCAL_RANK``.
     """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1 and not dist.is_initialized():
@@ -175,7 +176,7 @@ def init_distributed(device: str = "auto") -> DistContext:
         torch.cuda.set_device(resolved)
     created = False
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if resolved.type == "cuda" else "gloo")
+        dist.init_process_group(distributed_backend(resolved))
         created = True
     return DistContext(dist.get_rank(), dist.get_world_size(), local_rank, resolved, created)
 
@@ -325,7 +326,8 @@ def _pretrain(index: SliceIndex, output: Path, config: PretrainConfig, resume, p
         raise ValueError("SimCLR needs at least 2 slices per process and batch")
     device = context.device
     seed_everything(config.seed)
-    net = build_pretraining_net(config).to(device)
+    configure_precision("auto", device)  # CUDA: TF32 + cuDNN autotuning; training itself runs in float32
+    net = place(build_pretraining_net(config), device)
     start_epoch, losses = 0, []
     if resume is not None:
         start_epoch, losses = _load_resume(net, resume, config)
@@ -369,13 +371,13 @@ def _pretrain(index: SliceIndex, output: Path, config: PretrainConfig, resume, p
             x = images[rows.T.reshape(-1)].float().to(device)  # anchors, positives, negatives
             anchor, positive, negative = network(x).chunk(3)
             return polycl_triplet_loss(anchor, positive, negative, tau)
-        x = images[rows[:, 0]].float()
+        x = images[rows[:, 0]].float().to(device)  # augmented on the training device
         if config.method == "simclr":
             first, second = simclr_views(x, generator)
-            z1, z2 = network(torch.cat([first, second]).to(device)).chunk(2)
+            z1, z2 = network(torch.cat([first, second])).chunk(2)
             return nt_xent(z1, z2, tau)
         first, second, theta = pix2rep_views(x, generator)
-        f1, f2 = network(torch.cat([first, second]).to(device)).chunk(2)
+        f1, f2 = network(torch.cat([first, second])).chunk(2)
         valid = valid_region(theta, tuple(f2.shape[-2:]), device)
         return pixel_nt_xent(warp(f1, theta), f2, valid, config.pixel_pairs, tau, generator)
 
