@@ -3,6 +3,9 @@
 - ``mrml``: volume / segmentation nodes <-> ``[i, j, k]`` arrays + IJK->RAS, terminology, .seg.nrrd I/O.
 - ``tasks``: a Task = a job of the compute worker + main-thread ``apply``; progress, cancel, polling.
 - ``worker_client``: starts and talks to the worker process (``python -m polycl.worker``).
-- ``dependencies``: first-use Python package checks and installation (main thread only).
+- ``dependencies``: versioned package checks, one-consent installation (main thread), minimum Slicer.
+- ``undo``: create-then-rollback of the Logic's ``apply`` steps.
+- ``sample_data``, ``selftest``: the Sample Data entry and the module's self-test steps.
+- ``gui_connectors``: (app only) a ``str`` file parameter in a ``ctkPathLineEdit``.
 - ``core``: what the Slicer side reads from checkpoints without torch (model card, starter path).
 """
