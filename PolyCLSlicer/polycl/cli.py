@@ -72,16 +72,26 @@ def check_input_path(raw: str | os.PathLike | None, option: str) -> None:
         raise CliError(f"{option} {raw}: no such file or folder")
 
 
-def metrics_json(metrics: dict) -> str:
-    """Strict JSON: a distance that is infinite (exactly one mask empty) becomes null."""
-    clean = {key: (value if not isinstance(value, float) or np.isfinite(value) else None)
-             for key, value in metrics.items()}
-    return json.dumps(clean, indent=2, allow_nan=False)
+def _finite(value: object) -> object:
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(item) for item in value]
+    if isinstance(value, (float, np.floating)):
+        return float(value) if np.isfinite(value) else None
+    if isinstance(value, np.integer):
+        return int(value)
+    return value
+
+
+def strict_json(value: object) -> str:
+    """Strict JSON (RFC 8259): an infinite or NaN number (e.g. HD with exactly one mask empty) becomes null."""
+    return json.dumps(_finite(value), indent=2, allow_nan=False)
 
 
 def _print_metrics(metrics: dict, as_json: bool = False) -> None:
     if as_json:
-        print(metrics_json(metrics))
+        print(strict_json(metrics))
         return
     print(f"Dice {metrics['dice']:.4f}  HD {metrics['hd_mm']:.1f} mm  HD95 {metrics['hd95_mm']:.1f} mm  "
           f"mean 2D slice Dice {metrics['mean_slice_dice_2d']:.4f}")
@@ -105,13 +115,14 @@ def _check_segment_args(args: argparse.Namespace) -> None:
 
 
 def command_segment(args: argparse.Namespace) -> int:
-    from .cli_sam import build_refiner_from_args, refine_from_args
+    from .cli_sam import build_refiner_from_args, review_json, run_refinement
     from .inference import Segmenter
     from .io import read_mask, read_volume, write_mask, write_volume
     from .metrics import evaluate
     from .preprocessing import validate_ct
 
     _check_segment_args(args)
+    clock = Stopwatch()
     segmenter = Segmenter.from_checkpoint(args.checkpoint, args.device)
     refiner = build_refiner_from_args(args)  # None without --refine; checks its checkpoint first
     volume = read_volume(args.input, series=args.series)
@@ -121,6 +132,7 @@ def command_segment(args: argparse.Namespace) -> int:
     for note in notes:
         print(f"polycl: warning: {note}", file=sys.stderr)
     reference = read_mask(args.reference, volume) if args.reference else None
+    clock.lap("load")
     progress, close = _tqdm_progress("segment")
     try:
         with warnings.catch_warnings():
@@ -129,15 +141,44 @@ def command_segment(args: argparse.Namespace) -> int:
                                        largest_component=not args.no_largest_component, progress=progress)
     finally:
         close()
-    mask = result.mask if refiner is None else refine_from_args(args, volume, result.mask, refiner)
+    clock.lap("segment")
+    refined = None if refiner is None else run_refinement(args, volume, result.mask, refiner)
+    mask = result.mask if refined is None else refined.mask
+    clock.lap("refine")
     write_mask(args.output, mask, volume.ijk_to_ras)
     if args.probability:
         write_volume(args.probability, result.probability, volume.ijk_to_ras)
-    print(f"wrote {args.output} ({int(mask.sum())} liver voxels, "
-          f"{float(mask.sum()) * float(np.prod(volume.spacing)) / 1000:.1f} mL)")
-    if reference is not None:
-        _print_metrics(evaluate(mask, reference.array, volume.ijk_to_ras))
+    clock.lap("write")
+    liver_ml = float(mask.sum()) * float(np.prod(volume.spacing)) / 1000
+    metrics = evaluate(mask, reference.array, volume.ijk_to_ras) if reference is not None else None
+    if args.json:
+        print(strict_json({
+            "input": str(args.input), "output": str(args.output), "probability": args.probability,
+            "checkpoint": str(args.checkpoint or "bundled starter model"), "shape": list(volume.array.shape),
+            "spacing_mm": list(volume.spacing), "liver_voxels": int(mask.sum()), "liver_ml": liver_ml,
+            "metrics": metrics, "review": None if refined is None else review_json(refined),
+            "warnings": notes, "seconds": clock.laps}))
+        return 0
+    print(f"wrote {args.output} ({int(mask.sum())} liver voxels, {liver_ml:.1f} mL)")
+    if metrics is not None:
+        _print_metrics(metrics)
     return 0
+
+
+class Stopwatch:
+    """Wall-clock seconds per named step (``--json`` timings)."""
+
+    def __init__(self) -> None:
+        import time
+
+        self._now = time.perf_counter
+        self._last = self._now()
+        self.laps: dict[str, float] = {}
+
+    def lap(self, name: str) -> None:
+        now = self._now()
+        self.laps[name] = round(now - self._last, 3)
+        self._last = now
 
 
 def command_evaluate(args: argparse.Namespace) -> int:
@@ -225,6 +266,8 @@ def _add_segment(subparsers) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     parser.add_argument("--allow-non-ct", action="store_true",
                         help="segment even when the intensities do not look like CT in Hounsfield units")
+    parser.add_argument("--json", action="store_true",
+                        help="print one JSON summary (paths, liver mL, metrics, review slices, timings)")
     add_refine_arguments(parser)
     parser.set_defaults(handler=command_segment)
 
@@ -265,7 +308,8 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--offline", action="store_true", help="never download")
     sample.set_defaults(handler=command_sample)
 
-    for module, function in (("cli_sam", "add_propagate_command"), ("cli_pretrain", "add_pretrain_command")):
+    for module, function in (("cli_sam", "add_propagate_command"), ("cli_pretrain", "add_pretrain_command"),
+                             ("cli_suggest", "add_suggest_command")):
         try:
             add = getattr(__import__(f"polycl.{module}", fromlist=[function]), function)
         except (ImportError, AttributeError):

