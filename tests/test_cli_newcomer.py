@@ -198,6 +198,16 @@ def test_finetune_size_error_is_clean_and_comes_before_reading_data(size, tmp_pa
     assert not (tmp_path / "out.safetensors").exists()
 
 
+def test_finetune_init_starter_is_the_bundled_model_and_keeps_its_size(tmp_path, capsys, single_torch_thread):
+    from polycl.checkpoints import STARTER_CHECKPOINT, read_checkpoint
+
+    write_case(tmp_path, "a", shape=(40, 40, 3))
+    assert main(["finetune", "--images", str(tmp_path), "--labels", str(tmp_path), "--init", "starter",
+                 "-o", str(tmp_path / "out.safetensors"), "--epochs", "1", "--batch-size", "3", "--device", "cpu"]) == 0
+    card = read_checkpoint(tmp_path / "out.safetensors")[1]
+    assert card["recipe"]["init"] == str(STARTER_CHECKPOINT) and card["input_size"] == 128
+
+
 def test_finetune_at_the_smallest_allowed_size_works(tmp_path, capsys, single_torch_thread):
     write_case(tmp_path, "a")
     assert main(["finetune", "--images", str(tmp_path), "--labels", str(tmp_path), "--size", "32",
