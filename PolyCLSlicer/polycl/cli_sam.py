@@ -126,7 +126,7 @@ def command_propagate(args: argparse.Namespace) -> int:
     if args.engine == "sam2" and args.sam2_checkpoint is None:
         raise ValueError("--engine sam2 needs --sam2-checkpoint FILE (its weights are not bundled)")
     volume = read_volume(args.input, series=args.series)
-    for note in []:  # broken CTs raise; odd ones are a warning
+    for note in validate_ct(volume.array, str(args.input)):  # broken CTs raise; odd ones are a warning
         print(f"polycl: warning: {note}", file=sys.stderr)
     annotation = read_mask(args.annotation, volume)
     guide = read_mask(args.guide, volume).array if args.guide else None
