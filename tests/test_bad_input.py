@@ -269,6 +269,10 @@ def case_zero_spacing(tmp, base, data_dir):
     return metaimage_file(tmp / "ct.mha", base[0], spacing="1 0 3"), "spacing"
 
 
+def case_negative_spacing_mha(tmp, base, data_dir):
+    return metaimage_file(tmp / "ct.mha", base[0], spacing="1 -1 3"), "spacing"  # ITK would flip the axis
+
+
 def case_negative_spacing(tmp, base, data_dir):
     return nifti_header_file(tmp / "ct.nii", base[0], pixdim_patch=(2, -1.0)), "spacing"
 
@@ -746,6 +750,19 @@ def test_dicom_series_picked_by_number_or_uid(tmp_path, data_dir, capfd):
     reference = read_volume(data_dir / "labeled" / "dcmqi_3slice_ct.nii.gz")
     assert np.allclose(volume.ijk_to_ras, reference.ijk_to_ras, atol=1e-3)
     assert np.array_equal(volume.array, reference.array)
+
+
+def test_multi_member_gzip_nifti_is_complete(tmp_path, base):
+    """bgzip-style files (several gzip members) fail the trailer shortcut and are inflated to be sure."""
+    import gzip
+
+    raw = save(tmp_path / "ct.nii", *base).read_bytes()
+    half = len(raw) // 2
+    (tmp_path / "ct.nii.gz").write_bytes(gzip.compress(raw[:half]) + gzip.compress(raw[half:]))
+    assert np.array_equal(read_volume(tmp_path / "ct.nii.gz").array, base[0])
+    (tmp_path / "cut.nii.gz").write_bytes(gzip.compress(raw[:half]) + gzip.compress(raw[half:-400]))
+    with pytest.raises(ValueError, match="truncated"):
+        read_volume(tmp_path / "cut.nii.gz")
 
 
 def test_dicom_folder_with_a_seg_beside_the_ct_reads_the_ct(data_dir):

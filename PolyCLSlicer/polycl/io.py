@@ -249,7 +249,8 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], object], suffi
     temp_name = _create_temp_file(path.parent, f".{path.name}.", suffix)
     try:
         try:
-            write(Path(temp_name))
+            with native_stderr():  # ITK prints write errors (e.g. "NWAD: wrote only ...") and goes on
+                write(Path(temp_name))
             check_complete(Path(temp_name))
         except IncompleteFileError:
             raise OSError(f"{path}: writing failed, the file came out incomplete (disk full?); "
