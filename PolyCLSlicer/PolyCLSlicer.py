@@ -29,7 +29,7 @@ from PolyCLSlicerLib.dependencies import check_slicer_version  # noqa: E402
 
 check_slicer_version()  # Slicer < 5.10 (Python 3.9): refuse with a clear message before anything fails
 
-from PolyCLSlicerLib import core, dependencies, mrml, sample_data, selftest  # noqa: E402
+from PolyCLSlicerLib import core, dependencies, loop, mrml, sample_data, selftest  # noqa: E402
 from PolyCLSlicerLib.sample_data import PROJECT_URL  # noqa: E402
 from PolyCLSlicerLib.tasks import FinetuneOutcome, MaskResult, Task, TaskRunner, WorkerJob  # noqa: E402
 from PolyCLSlicerLib.undo import undo_on_error  # noqa: E402
@@ -166,6 +166,15 @@ class Direction(enum.Enum):
         return {"both": "Both directions", "up": "Up (superior)", "down": "Down (inferior)"}[self.value]
 
 
+class FinetuneSlices(enum.Enum):
+    AUTO = "auto"
+    ANNOTATED = "annotated"
+    ALL = "all"
+
+    def label(self) -> str:
+        return {"auto": "Automatic", "annotated": "Annotated slices", "all": "Whole volume"}[self.value]
+
+
 @parameterNodeWrapper
 class PolyCLSlicerParameterNode:
     """Every option of the panel; each one is bound to a widget through SlicerParameterName."""
@@ -185,6 +194,7 @@ class PolyCLSlicerParameterNode:
     lowerBound: Annotated[int, WithinRange(0, 100000)] = 0
     upperBound: Annotated[int, WithinRange(0, 100000)] = 0
     finetuneAllVolumes: bool = True
+    finetuneSlices: FinetuneSlices = FinetuneSlices.AUTO
     epochs: Annotated[int, WithinRange(1, 1000)] = 20
     learningRate: Annotated[float, WithinRange(1e-6, 0.1)] = 1e-4
 
@@ -217,7 +227,7 @@ class _Job:
 class PolyCLSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     """Gathers options into the parameter node, starts Logic tasks, shows progress and results."""
 
-    ACTION_BUTTONS = ("applyButton", "propagateButton", "finetuneButton")
+    ACTION_BUTTONS = ("applyButton", "propagateButton", "finetuneButton", "suggestSliceButton")
 
     def __init__(self, parent: Any = None) -> None:
         ScriptedLoadableModuleWidget.__init__(self, parent)
@@ -246,6 +256,7 @@ class PolyCLSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.openSegmentEditorButton.connect("clicked(bool)", self.onOpenSegmentEditor)
         self.ui.propagateButton.connect("clicked(bool)", self.onPropagateButton)
         self.ui.finetuneButton.connect("clicked(bool)", self.onFinetuneButton)
+        self.ui.suggestSliceButton.connect("clicked(bool)", self.onSuggestSliceButton)
         self.ui.reviewTableWidget.connect("cellClicked(int,int)", self.onReviewRowClicked)
         self.ui.refreshReviewButton.connect("clicked(bool)", self.showReview)
 
@@ -310,6 +321,7 @@ class PolyCLSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.applyButton.enabled = bool(p.inputVolume) and not self._checkpointMissing()
             self.ui.propagateButton.enabled = bool(p.inputVolume and p.outputSegmentation)
             self.ui.finetuneButton.enabled = not self._checkpointMissing()
+            self.ui.suggestSliceButton.enabled = bool(p.inputVolume) and not self._checkpointMissing()
         self.ui.openSegmentEditorButton.enabled = bool(p.inputVolume)
         self.ui.checkpointPathLineEdit.enabled = not p.useStarterModel
         self.ui.samModelComboBox.enabled = p.refiner == Refiner.SAM
@@ -403,14 +415,7 @@ class PolyCLSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if segment is None or "annotation" not in segment.GetName().lower():  # never paint into 'Liver'
                 segmentId = self.logic.annotationSegment(p.outputSegmentation)
                 self.ui.annotationSegmentSelector.setCurrentSegmentID(segmentId)
-            position = self.logic.middleSlicePosition(p.inputVolume, p.outputSegmentation)
-            slicer.util.selectModule("SegmentEditor")
-            editor = slicer.modules.segmenteditor.widgetRepresentation().self().editor
-            editor.setSegmentationNode(p.outputSegmentation)
-            editor.setSourceVolumeNode(p.inputVolume)
-            editor.setCurrentSegmentID(segmentId)
-            editor.setActiveEffectByName("Paint")
-            slicer.modules.markups.logic().JumpSlicesToLocation(*position, True)
+            self._openPainter(segmentId, self.logic.middleSlicePosition(p.inputVolume, p.outputSegmentation))
 
     def onPropagateButton(self) -> None:
         if self._job is not None:
@@ -457,14 +462,19 @@ class PolyCLSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 pairs = self.logic.trainingPairs(slicer.mrmlScene, volumeNode=p.inputVolume)
             if not pairs:
                 raise ValueError("No volume with a non-empty liver segment was found in the scene.")
+            volumes, segmentations, segmentIds = ([pair[n] for pair in pairs] for n in range(3))
+            choice = self.logic.finetuneSliceChoice(volumes, segmentations, segmentIds, p.finetuneSlices.value,
+                                                    self._checkpoint(), p.device.value)
+            self.ui.finetuneSliceChoiceLabel.text = choice.summary()
             task = self.logic.finetuneTask(
-                [v for v, _, _ in pairs],
-                [s for _, s, _ in pairs],
-                segmentIds=[i for _, _, i in pairs],
+                volumes,
+                segmentations,
+                segmentIds=segmentIds,
                 init=self._checkpoint(),
                 epochs=p.epochs,
                 learningRate=p.learningRate,
                 device=p.device.value,
+                slices=choice.mode,
             )
             self._startJob(
                 task,
@@ -473,6 +483,38 @@ class PolyCLSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self.ui.finetuneStatusLabel,
                 self._onFinetuned,
             )
+
+    def onSuggestSliceButton(self) -> None:
+        if self._job is not None:
+            self._job.runner.request_cancel()
+            return
+        p = self._parameterNode
+        if not self._ensureDependencies(statusLabel=self.ui.finetuneStatusLabel):
+            return
+        with slicer.util.tryWithErrorDisplay("Cannot suggest a slice.", waitCursor=True):
+            if not p.outputSegmentation:
+                p.outputSegmentation = mrml.new_segmentation_node(p.inputVolume)
+            task = self.logic.suggestSliceTask(p.inputVolume, p.outputSegmentation, self._checkpoint(), count=3,
+                                               device=p.device.value)
+            self._startJob(task, self.ui.suggestSliceButton, self.ui.finetuneProgressBar,
+                           self.ui.finetuneStatusLabel, self._onSuggested)
+
+    def _onSuggested(self, report: Any) -> None:
+        """Jump the slice views to the best suggestion and open the painter on the liver segment."""
+        self.ui.finetuneStatusLabel.text = report.summary()
+        if report.slices:
+            p = self._parameterNode
+            self._openPainter(self.logic.paintSegment(p.outputSegmentation), report.positions[0])
+
+    def _openPainter(self, segmentId: str, position: tuple[float, float, float]) -> None:
+        p = self._parameterNode
+        slicer.util.selectModule("SegmentEditor")
+        editor = slicer.modules.segmenteditor.widgetRepresentation().self().editor
+        editor.setSegmentationNode(p.outputSegmentation)
+        editor.setSourceVolumeNode(p.inputVolume)
+        editor.setCurrentSegmentID(segmentId)
+        editor.setActiveEffectByName("Paint")
+        slicer.modules.markups.logic().JumpSlicesToLocation(*position, True)
 
     def _onFinetuned(self, result: Any) -> None:
         self._parameterNode.useStarterModel = False
@@ -640,6 +682,59 @@ class PolyCLSlicerLogic(ScriptedLoadableModuleLogic):
         """Segment the liver into a 'Liver' segment (new segmentation when none is given); headless."""
         task = self.segmentTask(volumeNode, segmentationNode, checkpoint, device, refiner, **options)
         return task.run(progress, cancel)
+
+    def refineTask(
+        self,
+        volumeNode: vtkMRMLScalarVolumeNode,
+        segmentationNode: vtkMRMLSegmentationNode,
+        segmentId: str,
+        refiner: str = "litemedsam",
+        samCheckpoint: str | None = None,
+        samModel: str = "vit_b",
+        sam2Checkpoint: str | None = None,
+        sam2Config: str | None = None,
+        device: str = "auto",
+        overwrite: bool = False,
+    ) -> Task:
+        """SAM-family box refinement of an existing segment (e.g. a corrected liver) into a new segment
+        '<name> refined' (``overwrite``: into that segment); the review list is stored as after Apply."""
+        if volumeNode is None or segmentationNode is None:
+            raise ValueError("select the input volume and the segmentation that holds the segment to refine")
+        mrml.check_no_transform(segmentationNode)
+        mask = mrml.segment_mask(segmentationNode, segmentId, volumeNode)
+        if not mask.any():
+            raise ValueError("the segment to refine is empty on this volume")
+        array, matrix = mrml.volume_array(volumeNode), mrml.ijk_to_ras(volumeNode)
+        sourceName = segmentationNode.GetSegmentation().GetSegment(segmentId).GetName()
+        started = time.perf_counter()
+        job = WorkerJob("refine", {"volume": (array, matrix), "mask": (mask, matrix)}, {
+            "refiner": refiner, "refiner_checkpoint": absolutePath({"sam": samCheckpoint, "sam2": sam2Checkpoint}.get(
+                refiner)), "sam_model": samModel, "sam2_config": sam2Config, "device": device}, {"mask": None})
+
+        def apply(output: MaskResult) -> SegmentReport:
+            with undo_on_error(mrml.scene_of(volumeNode), segmentationNode, changes_existing_segments=overwrite):
+                targetId = segmentId if overwrite else self._targetSegment(
+                    segmentationNode, volumeNode, f"{sourceName} refined", False)
+                mrml.write_segment_mask(segmentationNode, targetId, output.mask, matrix)
+                mrml.store_review(segmentationNode, targetId, output.axis, output.disagreements)
+            review = [{**row, "ras": mrml.slice_center_ras(volumeNode, output.axis, row["slice"])}
+                      for row in output.disagreements]
+            return self._report(segmentationNode, targetId, output.mask, matrix, output.axis, started,
+                                output.warnings, review)
+
+        return Task("refinement", job, MaskResult.read, apply, self.worker)
+
+    def refine(
+        self,
+        volumeNode: vtkMRMLScalarVolumeNode,
+        segmentationNode: vtkMRMLSegmentationNode,
+        segmentId: str,
+        progress: Any = None,
+        cancel: Any = None,
+        **options: Any,
+    ) -> SegmentReport:
+        """Refine an existing segment with SAM box prompts (new segment by default); headless."""
+        return self.refineTask(volumeNode, segmentationNode, segmentId, **options).run(progress, cancel)
 
     def _targetSegment(
         self, segmentationNode: vtkMRMLSegmentationNode, volumeNode: vtkMRMLScalarVolumeNode, name: str, overwrite: bool
@@ -848,8 +943,14 @@ class PolyCLSlicerLogic(ScriptedLoadableModuleLogic):
         segmentIds: list[str | None] | None = None,
         batchSize: int = 10,
         valFraction: float = 0.2,
+        slices: str = "all",
+        emptySlices: list | None = None,
     ) -> Task:
-        """Train from ``init`` (current checkpoint) on liver segments; writes a new file, selects nothing."""
+        """Train from ``init`` (current checkpoint) on liver segments; writes a new file, selects nothing.
+
+        ``slices="annotated"``: only the segment's painted axial slices (plus ``emptySlices``, array
+        indices trained as background); see :meth:`finetuneSliceChoice` for the panel's automatic choice.
+        """
         if len(volumeNodes) != len(segmentationNodes) or not volumeNodes:
             raise ValueError("give one segmentation node per volume node (at least one pair)")
         output = Path(outputPath) if outputPath else self.newCheckpointPath()
@@ -869,7 +970,7 @@ class PolyCLSlicerLogic(ScriptedLoadableModuleLogic):
             {"images": [(ct, m) for ct, _, m, _ in pairs], "labels": [(mask, m) for _, mask, m, _ in pairs]},
             {"init": str(core.checkpoint_path(init)), "epochs": int(epochs), "learning_rate": float(learningRate),
              "device": device, "batch_size": int(batchSize), "val_fraction": float(valFraction),
-             "names": [name for *_, name in pairs]},
+             "names": [name for *_, name in pairs], "slices": slices, "empty_slices": emptySlices},
             {"checkpoint": str(output.resolve())},
         )
         return Task("finetuning", job, FinetuneOutcome.read, client=self.worker)
@@ -885,6 +986,82 @@ class PolyCLSlicerLogic(ScriptedLoadableModuleLogic):
     ) -> Any:
         """Finetune on (volume, segmentation) pairs; returns ``.path``, ``.best_epoch`` and ``.card``."""
         return self.finetuneTask(volumeNodes, segmentationNodes, outputPath, **options).run(progress, cancel)
+
+    # -------------------------------------------------------------------------- human in the loop
+    def finetuneSliceChoice(
+        self,
+        volumeNodes: list,
+        segmentationNodes: list,
+        segmentIds: list[str | None] | None = None,
+        mode: str = "auto",
+        checkpoint: str | None = None,
+        device: str = "auto",
+    ) -> loop.SliceChoice:
+        """Annotated slices or whole volume: ``auto`` picks annotated slices when a liver segment's slices are
+        not contiguous or cover less than half of the model's liver extent (the model runs only then)."""
+        from polycl.sparse import annotated_slices
+
+        painted, extents, counts = {}, {}, {}
+        for index, (volume, segmentation) in enumerate(zip(volumeNodes, segmentationNodes, strict=True)):
+            segmentId = (segmentIds or [None] * len(volumeNodes))[index] or self.liverSegmentId(segmentation)
+            if not segmentId:
+                raise ValueError(f"{segmentation.GetName()!r} has no liver segment")
+            matrix, name = mrml.ijk_to_ras(volume), volume.GetName()
+            painted[name] = annotated_slices(mrml.segment_mask(segmentation, segmentId, volume), matrix)
+            counts[name] = volume.GetImageData().GetDimensions()[mrml.axial_axis(matrix)]
+            slices = painted[name]
+            if mode == "auto" and slices and slices[-1] - slices[0] + 1 == len(slices):
+                extents[name] = self.suggestSliceTask(volume, None, checkpoint, 1, device).compute()["liver_extent"]
+        return loop.choose_slice_mode(painted, extents, counts, mode)
+
+    def paintSegment(self, segmentationNode: vtkMRMLSegmentationNode) -> str:
+        """The segment a finetune trains on (the liver segment), created as 'Liver' when there is none."""
+        segmentId = self.liverSegmentId(segmentationNode)
+        if segmentId is None:
+            name = mrml.unique_segment_name(segmentationNode, mrml.LIVER_SEGMENT_NAME)
+            segmentId = segmentationNode.GetSegmentation().AddEmptySegment("", name)
+            mrml.set_liver_terminology(segmentationNode.GetSegmentation().GetSegment(segmentId))
+        return segmentId
+
+    def suggestSliceTask(
+        self,
+        volumeNode: vtkMRMLScalarVolumeNode,
+        segmentationNode: vtkMRMLSegmentationNode | None = None,
+        checkpoint: str | None = None,
+        count: int = 1,
+        device: str = "auto",
+        segmentId: str | None = None,
+    ) -> Task:
+        """Rank the axial slices to paint next (model uncertainty, polycl.suggest); slices of the liver
+        segment are never suggested.  ``apply`` returns a :class:`loop.SuggestReport` (nothing is changed)."""
+        if volumeNode is None:
+            raise ValueError("select an input CT volume")
+        matrix = mrml.ijk_to_ras(volumeNode)
+        volumes = {"volume": (mrml.volume_array(volumeNode), matrix)}
+        if segmentationNode is not None:
+            segmentId = segmentId or self.liverSegmentId(segmentationNode, nonEmptyOn=volumeNode)
+            if segmentId:
+                volumes["annotated"] = (mrml.segment_mask(segmentationNode, segmentId, volumeNode), matrix)
+        job = WorkerJob("suggest", volumes, {"checkpoint": str(core.checkpoint_path(checkpoint)), "count": int(count),
+                                             "device": device})
+
+        def apply(result: dict) -> loop.SuggestReport:
+            positions = [mrml.slice_center_ras(volumeNode, result["axis"], k) for k in result["slices"]]
+            return loop.SuggestReport(result["slices"], result["scores"], positions, result["axis"],
+                                      result["annotated"], result["liver_extent"])
+
+        return Task("slice suggestion", job, lambda output: output.result, apply, self.worker)
+
+    def suggestSlice(
+        self,
+        volumeNode: vtkMRMLScalarVolumeNode,
+        segmentationNode: vtkMRMLSegmentationNode | None = None,
+        progress: Any = None,
+        cancel: Any = None,
+        **options: Any,
+    ) -> loop.SuggestReport:
+        """Slices to paint next, best first (headless)."""
+        return self.suggestSliceTask(volumeNode, segmentationNode, **options).run(progress, cancel)
 
     # ------------------------------------------------------------------------------------- review
     @staticmethod
