@@ -61,6 +61,7 @@ class FinetuneConfig:
     device: str = "auto"
     slices: str = "all"  # "annotated": only slices with label foreground + empty_slices (polycl.sparse)
     empty_slices: list = field(default_factory=list)  # liver-free array slices k ([k, ...] or one list per scan)
+    bce_weight: float = 0.0  # + weight x pixel BCE: per-slice soft Dice has almost no gradient on liver-free slices
 
 
 @dataclass
@@ -243,7 +244,11 @@ def finetune(pairs: list[tuple[Volume, Volume]], output: str | os.PathLike, conf
             yield augment_batch(images, masks, generator) if config.augment else (images, masks)
 
     def loss_fn(net: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        return soft_dice_loss(net(batch[0]), batch[1])
+        logits = net(batch[0])
+        loss = soft_dice_loss(logits, batch[1])
+        if config.bce_weight:
+            loss = loss + config.bce_weight * F.binary_cross_entropy_with_logits(logits, batch[1])
+        return loss
 
     def end_of_epoch(epoch: int, loss: float) -> tuple[dict[str, float], bool]:
         metrics = evaluate_slices(model, val, config.batch_size) if len(val.images) else {}
@@ -263,7 +268,8 @@ def finetune(pairs: list[tuple[Volume, Volume]], output: str | os.PathLike, conf
     card = default_card(
         config.architecture, config.architecture_args, config.input_size, kind="segmentation",
         polycl_version=__version__,
-        recipe={**asdict(config), "loss": "soft Dice", "optimizer": "Adam",
+        recipe={**asdict(config), "optimizer": "Adam",
+                "loss": f"soft Dice + {config.bce_weight:g} x BCE" if config.bce_weight else "soft Dice",
                 "scheduler": f"CosineAnnealingWarmRestarts(T_0={config.restart_epochs} epochs, per batch)",
                 "init": str(init) if init else "random",
                 "init_method": (init_card or {}).get("recipe", {}).get("method"), **(recipe_notes or {})},
