@@ -188,3 +188,43 @@ def test_median_hu_drift_stops_in_both_directions(shift):
     assert judge(2, seed_mask, None, seed_mask) == "intensity"
     ct[2][seed_mask] = rng.normal(judge.median + shift / 3, 3, int(seed_mask.sum()))  # a 10 HU drift is fine
     assert judge(2, seed_mask, None, seed_mask) is None
+
+
+# ------------------------------------------------------------------ pretraining (bugs 8 and 9)
+def test_polycl_m_reference_fallback_negatives_come_from_the_same_scan():
+    """Bug 8: with negatives preferred from other scans ("reference"), an anchor whose opposite presence
+    class exists only in its own scan falls back to that scan; the fallback must not go elsewhere."""
+    from polycl.pretraining import PolyCLMSampler, SliceIndex
+
+    index = SliceIndex.from_arrays([0] * 6 + [1] * 4, [0, 0, 0, 1, 1, 1] + [1, 1, 1, 1])
+    sampler = PolyCLMSampler(index, anchor_fraction=None, seed=1, negative_source="reference")
+    for epoch in (1, 2, 3):
+        draw = sampler.draw(epoch)
+        a, _, n = draw.items.T
+        needs_fallback = (index.scan[a] == 0) & (index.presence[a] == 1)  # no organ-free slice elsewhere
+        assert needs_fallback.sum() == 3 and draw.fallbacks == 3
+        assert np.all(index.scan[n][needs_fallback] == 0) and np.all(index.presence[n][needs_fallback] == 0)
+        assert np.all(index.scan[n][~needs_fallback] != index.scan[a][~needs_fallback])
+
+
+def test_pretraining_uses_temperature_one_over_the_minibatch_size(tmp_path, monkeypatch):
+    """Bug 9: the trainer must pass tau = 1/M (M = configured minibatch size), not a fixed value."""
+    from test_pretraining import synthetic_index
+
+    from polycl.pretraining import PretrainConfig, pretrain
+    from polycl.pretraining import trainer as trainer_module
+
+    seen, original = [], trainer_module.polycl_triplet_loss
+
+    def recording(anchor, positive, negative, tau=None):
+        seen.append((anchor.shape[0], tau))
+        return original(anchor, positive, negative, tau)
+
+    monkeypatch.setattr(trainer_module, "polycl_triplet_loss", recording)
+    for batch_size in (6, 9):
+        seen.clear()
+        config = PretrainConfig(method="polycl-s", input_size=32, epochs=1, batch_size=batch_size,
+                                anchor_fraction=None, architecture_args={"dropout": 0.0}, device="cpu")
+        result = pretrain(synthetic_index(32), tmp_path / f"enc{batch_size}.ckpt", config)
+        assert seen and all(tau == pytest.approx(1 / batch_size) for _, tau in seen), seen
+        assert result.card["recipe"]["tau"] == pytest.approx(1 / batch_size)
