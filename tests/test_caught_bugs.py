@@ -59,12 +59,13 @@ def test_hd95_is_the_larger_directed_95th_percentile_not_the_pooled_one():
 def test_surface_at_the_volume_border_counts():
     """Bug 3: surface extraction treating the border as foreground drops the faces on the border."""
     a = np.zeros((30, 20, 20), bool)
-    a[0:12, 0:20, 3:15] = True  # touches the border at i = 0 and along j
+    a[0:10, 5:15, 5:15] = True  # its face i = 0 lies on the volume border
     b = np.zeros_like(a)
-    b[0:4, 0:20, 3:15] = True
+    b[1:10, 5:15, 5:15] = True  # the same block one voxel shorter: every surface point within 1 mm
     spacing = np.array([1.0, 1.0, 1.0])
     forward, backward = reference_directed(a, b, spacing), reference_directed(b, a, spacing)
     result = hausdorff(a, b, np.eye(4))
+    assert max(forward.max(), backward.max()) == pytest.approx(1.0)
     assert result["hd_mm"] == pytest.approx(max(forward.max(), backward.max()))
     assert result["hd95_mm"] == pytest.approx(max(np.percentile(forward, 95), np.percentile(backward, 95)))
 

@@ -13,6 +13,7 @@ import re
 import secrets
 import sys
 import tempfile
+import threading
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -103,9 +104,13 @@ def _check_nifti_finite(path: Path) -> None:
 def native_stderr() -> Iterator[list[str]]:
     """Collect what C++ code (ITK, MetaIO, GDCM, NIfTI) prints on file descriptor 2 meanwhile.
 
-    Yields a list that holds the captured text afterwards; with no usable fd 2 it stays empty.
+    Yields a list that holds the captured text afterwards; with no usable fd 2 it stays empty.  fd 2 is
+    process-wide, so only the main thread redirects it (two threads swapping it could lose stderr).
     """
     captured: list[str] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield captured
+        return
     try:
         sys.stderr.flush()
         saved = os.dup(2)
