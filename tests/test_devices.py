@@ -32,6 +32,8 @@ from polycl.models import ProjectionHead, build_model
 META = torch.device("meta")
 SMALL_UNET = {"channels": (4, 8, 16, 32, 64)}
 SMALL_RESUNET = {"channels": (8, 8, 16, 32, 64)}
+TINY_TRANSUNET = {"stem_width": 8, "stage_blocks": (1, 1, 1), "hidden": 32, "depth": 2, "heads": 2, "mlp_dim": 64,
+                  "img_size": 64, "decoder_channels": (16, 8, 8, 4)}
 SAM2_CONFIG = "configs/sam2.1/sam2.1_hiera_t.yaml"
 
 
@@ -65,7 +67,8 @@ def test_place_reports_tensors_left_behind():
 
 
 @pytest.mark.parametrize("name,args", [("polycl_unet", SMALL_UNET), ("resunet", SMALL_RESUNET),
-                                       ("polycl_unet", {}), ("resunet", {})])
+                                       ("transunet", TINY_TRANSUNET), ("polycl_unet", {}), ("resunet", {}),
+                                       ("transunet", {})])
 def test_segmentation_networks_and_segmenter_on_requested_device(name, args):
     from polycl.inference import Segmenter
 
@@ -75,11 +78,11 @@ def test_segmentation_networks_and_segmenter_on_requested_device(name, args):
 
 
 @pytest.mark.parametrize("method", ["polycl-m", "simclr", "pix2rep"])
-@pytest.mark.parametrize("architecture", ["polycl_unet", "resunet"])
+@pytest.mark.parametrize("architecture", ["polycl_unet", "resunet", "transunet"])
 def test_pretraining_networks_and_heads_on_requested_device(method, architecture):
     from polycl.pretraining.trainer import PretrainConfig, build_pretraining_net
 
-    args = SMALL_UNET if architecture == "polycl_unet" else SMALL_RESUNET
+    args = {"polycl_unet": SMALL_UNET, "resunet": SMALL_RESUNET, "transunet": TINY_TRANSUNET}[architecture]
     net = build_pretraining_net(PretrainConfig(method=method, architecture=architecture, architecture_args=args))
     assert_on(place(net, META), META)
     assert_on(place(ProjectionHead(64, 32), META), META)
@@ -149,7 +152,8 @@ def test_default_device_trick_catches_an_unplaced_tensor(default_device_meta):
         (x + torch.zeros(2)).cpu()
 
 
-@pytest.mark.parametrize("name,args", [("polycl_unet", SMALL_UNET), ("resunet", SMALL_RESUNET)])
+@pytest.mark.parametrize("name,args", [("polycl_unet", SMALL_UNET), ("resunet", SMALL_RESUNET),
+                                       ("transunet", TINY_TRANSUNET)])
 def test_segmenter_forward_creates_tensors_on_model_device(name, args, default_device_meta):
     from polycl.inference import Segmenter
 

@@ -45,7 +45,7 @@ def test_resunet_builds_and_has_resnet18_scale():
     assert 13e6 < count_parameters(model) < 15e6
     assert model(torch.zeros(1, 1, 64, 64)).shape == (1, 1, 64, 64)
     with pytest.raises(KeyError, match="unknown architecture"):
-        build_model("transunet")
+        build_model("vnet")
 
 
 def test_reference_state_dict_keys_are_accepted(tmp_path):
@@ -94,7 +94,7 @@ def test_checkpoint_validation_rejects_wrong_files(tmp_path):
     with pytest.raises(CheckpointError, match="shape"):
         load_checkpoint(tmp_path / "wrong.safetensors")
     # unknown architecture / incomplete card
-    save_checkpoint(tmp_path / "arch.safetensors", model.state_dict(), default_card("transunet"))
+    save_checkpoint(tmp_path / "arch.safetensors", model.state_dict(), default_card("vnet"))
     with pytest.raises(CheckpointError, match="unbuildable"):
         load_checkpoint(tmp_path / "arch.safetensors")
     with pytest.raises(CheckpointError, match="lacks"):

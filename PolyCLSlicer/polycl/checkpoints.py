@@ -169,6 +169,13 @@ def build_from_card(card: dict) -> SegmentationNet:
         raise CheckpointError(f"model card describes an unbuildable architecture: {error}") from None
 
 
+def _mismatch_hint(module: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> str:
+    """' (depth 12 in the file, 4 here)' for networks that can tell which size argument differs (TransUNet)."""
+    explain = getattr(module, "explain_mismatch", None)
+    hint = explain(tensors) if explain is not None else ""
+    return f" ({hint})" if hint else ""
+
+
 def load_state_checked(module: torch.nn.Module, tensors: dict[str, torch.Tensor], prefix: str = "",
                        source: str = "checkpoint") -> list[str]:
     """Load tensors whose names start with prefix into module; shapes must match exactly.
@@ -178,13 +185,14 @@ def load_state_checked(module: torch.nn.Module, tensors: dict[str, torch.Tensor]
     expected = module.state_dict()
     selected = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
     unknown = sorted(set(selected) - set(expected))
+    hint = _mismatch_hint(module, tensors)
     if unknown:
-        raise CheckpointError(f"{source}: unexpected weights {unknown[:5]} (architecture mismatch)")
+        raise CheckpointError(f"{source}: unexpected weights {unknown[:5]} (architecture mismatch){hint}")
     for key, value in selected.items():
         if tuple(value.shape) != tuple(expected[key].shape):
             raise CheckpointError(
                 f"{source}: weight {prefix}{key} has shape {tuple(value.shape)}, the architecture "
-                f"expects {tuple(expected[key].shape)}"
+                f"expects {tuple(expected[key].shape)}{hint}"
             )
     module.load_state_dict(selected, strict=False)
     return sorted(set(expected) - set(selected))
@@ -201,9 +209,9 @@ def load_checkpoint(path: str | os.PathLike | None = None, kind: str | None = "s
     model_tensors = {k: v for k, v in tensors.items() if not k.startswith("projection.")}
     missing = load_state_checked(model, model_tensors, source=str(path))
     if card["kind"] == "segmentation" and missing:
-        raise CheckpointError(f"{path}: weights missing for {missing[:5]}")
+        raise CheckpointError(f"{path}: weights missing for {missing[:5]}{_mismatch_hint(model, tensors)}")
     if card["kind"] != "segmentation" and any(k.startswith("encoder.") for k in missing):
-        raise CheckpointError(f"{path}: encoder weights missing for {missing[:5]}")
+        raise CheckpointError(f"{path}: encoder weights missing for {missing[:5]}{_mismatch_hint(model, tensors)}")
     model.eval()
     return model, card
 
@@ -216,12 +224,15 @@ def load_pretrained_init(model: SegmentationNet, path: str | os.PathLike) -> dic
     """
     tensors, card = read_checkpoint(path)
     reference = build_from_card(card)
-    if type(reference.encoder) is not type(model.encoder) or any(
+    sizes = getattr(model, "size_differences", None)  # TransUNet: heads differ without a shape change
+    differences = sizes(reference) if sizes is not None else []
+    if differences or type(reference.encoder) is not type(model.encoder) or any(
         tuple(t.shape) != tuple(model.state_dict()[k].shape)
         for k, t in reference.state_dict().items() if k in model.state_dict()
     ):
+        detail = f": {'; '.join(differences)}" if differences else ""
         raise CheckpointError(f"{path}: architecture {card['architecture']} {card['architecture_args']} "
-                              "does not match the model being trained")
+                              f"does not match the model being trained{detail}")
     prefix = "" if card["kind"] == "segmentation" or card.get("whole_network") else "encoder."
     kept = {k: v for k, v in tensors.items() if k.startswith(prefix) and not k.startswith("projection.")}
     missing = load_state_checked(model, kept, source=str(path))

@@ -177,7 +177,7 @@ def add_finetune_command(subparsers: argparse._SubParsersAction) -> argparse.Arg
     parser.add_argument("-o", "--output", required=True, help="output checkpoint (.safetensors)")
     parser.add_argument("--init", help="initial checkpoint: pretrained encoder, a segmentation model, or 'starter' "
                         "(the bundled model); default: random initialisation")
-    parser.add_argument("--architecture", choices=["polycl_unet", "resunet"],
+    parser.add_argument("--architecture", choices=["polycl_unet", "resunet", "transunet"],
                         help="network (default: the --init checkpoint's, else polycl_unet)")
     parser.add_argument("--epochs", type=int, help="training epochs (default: 100; 20 with --slices annotated)")
     parser.add_argument("--batch-size", type=int, help="slices per batch (default: 10; 8 with --slices annotated)")

@@ -43,7 +43,8 @@ def add_pretrain_command(subparsers: argparse._SubParsersAction) -> argparse.Arg
                         "({case: [0,1,...]} or {case: {num_slices, present, absent}}; default: none)")
     parser.add_argument("--organ", default="liver", help="label file suffix (<case>_<organ>.nii.gz; default liver)")
     parser.add_argument("-o", "--output", required=True, help="output checkpoint (.safetensors / .ckpt)")
-    parser.add_argument("--architecture", default="polycl_unet", choices=["polycl_unet", "resunet"], help="network")
+    parser.add_argument("--architecture", default="polycl_unet", choices=["polycl_unet", "resunet", "transunet"],
+                        help="network (transunet: the CPU-sized TransUNet; pretrain writes its encoder)")
     parser.add_argument("--epochs", type=int, default=100, help="total epochs (default 100)")
     parser.add_argument("--batch-size", type=int, default=20,
                         help="global minibatch M, split over torchrun processes (default 20; PolyCL tau = 1/M)")

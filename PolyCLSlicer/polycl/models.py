@@ -177,9 +177,17 @@ def build_resunet(in_channels: int = 1, channels: tuple[int, ...] = (64, 64, 128
     return SegmentationNet(ResNetEncoder(in_channels, channels), UNetDecoder(channels, 1, dropout))
 
 
+def build_transunet(**kwargs) -> SegmentationNet:
+    """TransUNet (``polycl.transunet``; preset 'small' or 'paper' plus size overrides)."""
+    from .transunet import build_transunet as build
+
+    return build(**kwargs)
+
+
 MODEL_BUILDERS: dict[str, Callable[..., SegmentationNet]] = {
     "polycl_unet": build_polycl_unet,
     "resunet": build_resunet,
+    "transunet": build_transunet,
 }
 
 

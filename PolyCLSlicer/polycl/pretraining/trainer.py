@@ -31,7 +31,7 @@ from torch.utils.data import DistributedSampler
 from .. import __version__
 from ..checkpoints import atomic_write, default_card, read_checkpoint, save_checkpoint
 from ..devices import configure_precision, distributed_backend, place, resolve_device
-from ..models import ProjectionHead, SegmentationNet, UNetDecoder, build_model
+from ..models import ProjectionHead, SegmentationNet, build_model
 from ..progress import CancelFlag
 from ..training import BatchCallback, EpochCallback, EpochReport, fit, make_optimizer, seed_everything
 from .augment import pix2rep_views, simclr_views, valid_region, warp
@@ -100,12 +100,12 @@ class EmbeddingNet(nn.Module):
 
 
 class PixelEmbeddingNet(nn.Module):
-    """Whole U-Net + dense 1x1 projection (Pix2Rep): image -> pixel embeddings (B, D, S, S)."""
+    """Whole U-Net / TransUNet + dense 1x1 projection (Pix2Rep): image -> pixel embeddings (B, D, S, S)."""
 
-    def __init__(self, encoder: nn.Module, decoder: UNetDecoder, dim: int = 64):
+    def __init__(self, encoder: nn.Module, decoder: nn.Module, dim: int = 64):
         super().__init__()
-        if not isinstance(decoder, UNetDecoder):
-            raise TypeError("Pix2Rep needs a U-Net decoder (polycl_unet or resunet)")
+        if not hasattr(decoder, "last_features") or not hasattr(decoder, "conv_last"):
+            raise TypeError("Pix2Rep needs a decoder with full-resolution features (polycl_unet, resunet, transunet)")
         self.encoder = encoder
         self.decoder = decoder
         width = decoder.conv_last.in_channels
