@@ -1,4 +1,4 @@
-"""The bundled starter model: valid model card, used by default, reaches Dice >= 0.8 on real CT."""
+"""The bundled starter model: valid model card, used by default, reaches its recorded Dice on real CT."""
 
 from __future__ import annotations
 
@@ -9,6 +9,13 @@ from polycl.checkpoints import STARTER_CHECKPOINT, load_checkpoint
 from polycl.cli import main
 from polycl.inference import Segmenter
 from polycl.metrics import dice, evaluate
+
+
+def card_floor(case: str) -> float:
+    """The starter's own training-set Dice on ``case`` (its model card) minus 0.005, else 0.93: a floor
+    just under what the model achieves (0.8 let a wrong HU window or a mirrored orientation pass)."""
+    figures = load_checkpoint()[1].get("metrics", {}).get("training_set_dice_3d", {})
+    return figures[case] - 0.005 if case in figures else 0.93
 
 
 def test_starter_checkpoint_is_small_and_documented():
@@ -26,7 +33,7 @@ def test_starter_segments_totalseg_dcm(labeled_case):
     result = Segmenter.from_checkpoint(None, device="cpu").segment(ct.array, ct.ijk_to_ras)
     assert result.mask.shape == ct.array.shape and result.mask.dtype == np.uint8
     metrics = evaluate(result.mask, reference.array, ct.ijk_to_ras)
-    assert metrics["dice"] >= 0.8, metrics
+    assert metrics["dice"] >= card_floor("totalseg_dcm"), metrics
 
 
 @pytest.mark.slow
@@ -39,7 +46,7 @@ def test_cli_segment_uses_the_starter_by_default(labeled_case, data_dir, tmp_pat
     from polycl.io import read_mask
 
     written = read_mask(output, ct)
-    assert dice(written.array, reference.array) >= 0.8
+    assert dice(written.array, reference.array) >= card_floor("totalseg_sm")
 
 
 def test_reoriented_real_ct_gives_the_same_liver_in_world_space(labeled_case, tmp_path):
