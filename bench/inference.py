@@ -8,6 +8,8 @@ Measures, in one run on this machine:
   2. the network alone on the 119-slice volume: naive eager per-slice fp32 loop (baseline) vs the
      shipped path (batched, inference_mode, bf16 autocast where the CPU has native bf16);
   3. achieved GFLOP/s of both vs a matmul peak (fp32 and bf16) measured in the same run.
+With ``--backbones`` instead: the shipped path for U-Net, ResU-Net and TransUNet (random weights,
+256 px) on the same 119 slices, the U-Net as baseline.
 Figures depend on the machine and on other load: compare ratios within one run.
 """
 
@@ -96,14 +98,51 @@ def compare_network_paths(label: str, model: torch.nn.Module, card: dict, slices
               f"{naive / seconds:4.2f}x vs naive")
 
 
+def compare_backbones(slices: np.ndarray, size: int = 256, repeats: int = 2) -> None:
+    """Shipped path (batched, auto precision) per backbone, random weights; best of ``repeats``."""
+    from polycl.models import count_parameters
+
+    print(f"\nbackbones, {len(slices)} slices of {slices.shape[1]}x{slices.shape[2]} at {size} px "
+          f"(random weights; best of {repeats})")
+    baseline = None
+    for name in ("polycl_unet", "resunet", "transunet"):
+        torch.manual_seed(0)
+        segmenter = Segmenter(build_model(name), default_card(name, input_size=size), device="cpu")
+        segmenter.predict_slices(slices[:4])  # warm-up
+        times = []
+        for _ in range(repeats):
+            started = time.perf_counter()
+            segmenter.predict_slices(slices)
+            times.append(time.perf_counter() - started)
+        seconds = min(times)
+        baseline = baseline or seconds
+        print(f"   {name:12s} {count_parameters(segmenter.model):11,d} params  {seconds:6.2f} s "
+              f"({segmenter.precision})  {seconds / baseline:4.2f}x U-Net  load {os.getloadavg()[0]:.1f}")
+
+
+def cut_119(data: Path) -> tuple[np.ndarray, np.ndarray]:
+    """ircad01's middle 119 slices (512x512x119) with the matching IJK->RAS matrix."""
+    big = read_volume(data / "unlabeled" / "ircad01_ct.nii.gz")
+    start = (big.array.shape[2] - 119) // 2
+    matrix = big.ijk_to_ras.copy()
+    matrix[:3, 3] = (big.ijk_to_ras @ np.array([0, 0, start, 1.0]))[:3]
+    return big.array[:, :, start:start + 119], matrix
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=data_dir(), help="shared data folder")
     parser.add_argument("--checkpoint", type=Path, default=None, help="default: the bundled starter model")
+    parser.add_argument("--backbones", action="store_true", help="only compare the three backbones' inference time")
     args = parser.parse_args()
     if args.data is None:
         print("no data folder: set POLYCL_DATA or pass --data")
         return 2
+    if args.backbones:
+        print(f"machine: {machine()}")
+        cut, matrix = cut_119(args.data)
+        compare_backbones(CanonicalOrientation.from_matrix(matrix).to_canonical(cut))
+        return 0
     checkpoint = args.checkpoint or (STARTER_CHECKPOINT if STARTER_CHECKPOINT.exists() else None)
     work = Path(tempfile.mkdtemp(prefix="polycl-bench-"))
     if checkpoint is None:  # timing only: random-init weights of the same architecture
@@ -111,11 +150,7 @@ def main() -> int:
     print(f"machine: {machine()}")
     print(f"checkpoint: {checkpoint}")
 
-    big = read_volume(args.data / "unlabeled" / "ircad01_ct.nii.gz")
-    start = (big.array.shape[2] - 119) // 2
-    cut = big.array[:, :, start:start + 119]
-    matrix = big.ijk_to_ras.copy()
-    matrix[:3, 3] = (big.ijk_to_ras @ np.array([0, 0, start, 1.0]))[:3]
+    cut, matrix = cut_119(args.data)
     write_volume(work / "ct119.nii.gz", cut, matrix)
     cases = {"totalseg_dcm 512x512x20": args.data / "labeled" / "totalseg_dcm_ct.nii.gz",
              "ircad01 512x512x119": work / "ct119.nii.gz"}

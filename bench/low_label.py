@@ -55,7 +55,8 @@ def pretrain_encoders(data: Path, out: Path, args, extra_cases: list[str], tag: 
     log(f"pretraining data {tag}: {index.summary()}")
     encoders = {}
     for method in args.methods:
-        config = PretrainConfig(method=method, input_size=args.size, epochs=args.pretrain_epochs,
+        config = PretrainConfig(method=method, architecture=args.architecture, input_size=args.size,
+                                epochs=args.pretrain_epochs,
                                 batch_size=args.pretrain_batch, lr=args.pretrain_lr, save_every=0,
                                 restart_epochs=max(1, args.pretrain_epochs), seed=0, device="cpu")
         started = time.perf_counter()
@@ -142,6 +143,8 @@ def main() -> int:
     parser.add_argument("--seeds", type=int, default=None, help="finetuning seeds (1-scan budget: seed picks the scan)")
     parser.add_argument("--seeds-all", type=int, default=None, help="seeds for the all-scans budget (default --seeds)")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--architecture", default="polycl_unet", choices=["polycl_unet", "resunet", "transunet"],
+                        help="backbone for pretraining and finetuning (transunet: the CPU-sized preset)")
     parser.add_argument("--budgets", nargs="+", default=["1", "all"], choices=["1", "all"],
                         help="labelled scans for finetuning: 1 or all (= 2 in leave-one-case-out)")
     parser.add_argument("--with-labeled", action="store_true",
@@ -190,7 +193,8 @@ def main() -> int:
             for seed in range(args.seeds if budget == "1" else args.seeds_all):
                 train = train_sets(held_out, budget, seed)
                 for name, (checkpoint, _) in inits.items():
-                    config = FinetuneConfig(input_size=args.size, epochs=args.finetune_epochs, batch_size=10,
+                    config = FinetuneConfig(architecture=args.architecture, input_size=args.size,
+                                            epochs=args.finetune_epochs, batch_size=10,
                                             lr=1e-3, val_fraction=0.0, seed=seed, device="cpu",
                                             restart_epochs=args.finetune_epochs,
                                             architecture_args={"dropout": 0.1})
@@ -217,7 +221,7 @@ def main() -> int:
     note = (f"\n{len(CASES)} held-out cases x {args.seeds} seeds (1 scan; the seed picks which) / {args.seeds_all} "
             f"(all scans) per cell; input {args.size} px; "
             f"pretraining {args.pretrain_epochs} epochs (lr {args.pretrain_lr}, batch {args.pretrain_batch}); "
-            f"finetuning {args.finetune_epochs} epochs; total wall-clock {total:.1f} min "
+            f"finetuning {args.finetune_epochs} epochs; backbone {args.architecture}; total wall-clock {total:.1f} min "
             f"({torch.get_num_threads()} torch threads).")
     table = "\n".join(lines) + "\n" + note
     (out / "table.md").write_text(table + "\n")

@@ -6,6 +6,7 @@ For each labelled case: ``bench/train_starter.py --exclude CASE`` (the recipe of
 without that case and without any other scan of the same patient), then segment the held-out case
 and report 3D Dice, HD and HD95 (mm) against its mask.  ``--recipe labelled`` is the previous
 starter's data (the three labelled cases only).  ``--jobs`` trains the folds in parallel processes.
+Other options go to ``train_starter.py``, e.g. ``--architecture transunet`` for the TransUNet row.
 """
 
 from __future__ import annotations
@@ -68,15 +69,17 @@ def main() -> int:
         ct = read_volume(labeled / f"{held_out}_ct.nii.gz")
         reference = read_mask(labeled / f"{held_out}_liver.nii.gz", ct)
         checkpoint = args.out / f"without_{held_out}.safetensors"
-        mask = Segmenter.from_checkpoint(checkpoint, device="cpu").segment(ct.array, ct.ijk_to_ras).mask
+        segmenter = Segmenter.from_checkpoint(checkpoint, device="cpu")
+        mask = segmenter.segment(ct.array, ct.ijk_to_ras).mask
         metrics = evaluate(mask, reference.array, ct.ijk_to_ras)
-        rows.append({"held_out": held_out, "recipe": args.recipe, "train_minutes": minutes[held_out], **metrics})
+        rows.append({"held_out": held_out, "recipe": args.recipe, "architecture": segmenter.card["architecture"],
+                     "train_minutes": minutes[held_out], **metrics})
         print(json.dumps(rows[-1]), flush=True)
-    print("\n| held-out case | recipe | 3D Dice | HD95 mm | HD mm | train min |")
-    print("|---|---|---|---|---|---|")
+    print("\n| held-out case | recipe | backbone | 3D Dice | HD95 mm | HD mm | train min |")
+    print("|---|---|---|---|---|---|---|")
     for row in rows:
-        print(f"| {row['held_out']} | {row['recipe']} | {row['dice']:.3f} | {row['hd95_mm']:.1f} | "
-              f"{row['hd_mm']:.1f} | {row['train_minutes']} |")
+        print(f"| {row['held_out']} | {row['recipe']} | {row['architecture']} | {row['dice']:.3f} | "
+              f"{row['hd95_mm']:.1f} | {row['hd_mm']:.1f} | {row['train_minutes']} |")
     mean = sum(r["dice"] for r in rows) / len(rows)
     print(f"\nmean leave-one-case-out 3D Dice: {mean:.3f}")
     return 0

@@ -118,6 +118,7 @@ def main() -> int:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--dropout", type=float, default=0.1)
+    parser.add_argument("--architecture", default="polycl_unet", choices=["polycl_unet", "resunet", "transunet"])
     parser.add_argument("--bce-weight", type=float, default=1.0, help="+ weight x pixel BCE (0: soft Dice only)")
     parser.add_argument("--init", type=Path, help="initial segmentation checkpoint (warm start)")
     parser.add_argument("--threads", type=int, default=1)
@@ -130,7 +131,7 @@ def main() -> int:
     pairs, notes = training_pairs(data, args.recipe, args.pseudo, args.exclude, flags)
     slices = sum(num_slices(ct) for ct, _ in pairs)
     print("\n".join(notes), f"\n{slices} slices", flush=True)
-    config = FinetuneConfig(architecture="polycl_unet", architecture_args={"dropout": args.dropout},
+    config = FinetuneConfig(architecture=args.architecture, architecture_args={"dropout": args.dropout},
                             input_size=args.size, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                             restart_epochs=args.restart_epochs, val_fraction=0.0, seed=args.seed, device="cpu",
                             bce_weight=args.bce_weight)
