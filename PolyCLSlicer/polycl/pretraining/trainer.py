@@ -31,7 +31,7 @@ from torch.utils.data import DistributedSampler
 from .. import __version__
 from ..checkpoints import atomic_write, default_card, read_checkpoint, save_checkpoint
 from ..devices import configure_precision, distributed_backend, place, resolve_device
-from ..models import ProjectionHead, SegmentationNet, build_model
+from ..models import ProjectionHead, SegmentationNet, build_model, check_input_size
 from ..progress import CancelFlag
 from ..training import BatchCallback, EpochCallback, EpochReport, fit, make_optimizer, seed_everything
 from .augment import pix2rep_views, simclr_views, valid_region, warp
@@ -298,8 +298,7 @@ def pretrain(index: SliceIndex, output: str | os.PathLike, config: PretrainConfi
     config = config or PretrainConfig()
     if config.method not in METHODS:
         raise ValueError(f"unknown method {config.method!r}; choose one of {', '.join(METHODS)}")
-    if config.input_size < 32 or config.input_size % 16:
-        raise ValueError(f"input size {config.input_size} must be a multiple of 16, at least 32")
+    check_input_size(config.input_size)
     if index.images is None or index.input_size != config.input_size:
         raise ValueError(f"the slice index must hold images at the input size {config.input_size} "
                          "(build_slice_index(..., size=input_size))")
