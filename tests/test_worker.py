@@ -307,6 +307,25 @@ def test_sigkill_mid_job_fails_in_one_line_scene_unchanged_next_job_uses_a_fresh
     assert report.voxelCount > 0 and logic.worker.pid not in (None, killed)
 
 
+def test_refine_an_existing_segment_matches_the_engine_and_keeps_the_original(logic_scene, small_ct):
+    from PolyCLSlicerLib import mrml
+
+    from polycl.sam_refine import build_refiner, refine_volume
+
+    litemedsam_available()
+    logic, scene, volume = logic_scene
+    array, liver, matrix = small_ct[2], small_ct[3], small_ct[4]
+    segmentation = mrml.new_segmentation_node(volume)
+    liver_id = segmentation.GetSegmentation().AddEmptySegment("", "Liver")
+    mrml.write_segment_mask(segmentation, liver_id, liver, matrix)
+    report = logic.refine(volume, segmentation, liver_id, device="cpu")
+    assert report.segmentName == "Liver refined" and report.segmentId != liver_id
+    expected = refine_volume(array, matrix, liver, build_refiner("litemedsam", device="cpu"))
+    np.testing.assert_array_equal(mrml.segment_mask(segmentation, report.segmentId, volume), expected.mask > 0)
+    np.testing.assert_array_equal(mrml.segment_mask(segmentation, liver_id, volume), liver > 0)  # kept
+    assert [row["slice"] for row in logic.reviewRows(segmentation)] == [s.index for s in expected.disagreements]
+
+
 def test_unresponsive_worker_is_terminated_after_the_cancel_timeout(logic_scene):
     from PolyCLSlicerLib.tasks import TaskRunner
 
