@@ -99,11 +99,12 @@ def _print_metrics(metrics: dict, as_json: bool = False) -> None:
 
 def _check_segment_args(args: argparse.Namespace) -> None:
     """Everything that can be checked without reading the CT, so no work is done for a doomed run."""
+    from .cli_outputs import DICOM_SUFFIXES, check_extra_outputs
     from .io import MASK_SUFFIXES
 
     check_input_path(args.input, "input")
     inputs = (args.input, args.reference, args.checkpoint)
-    output = check_output_path(args.output, args.overwrite, MASK_SUFFIXES, inputs)
+    output = check_output_path(args.output, args.overwrite, MASK_SUFFIXES + DICOM_SUFFIXES, inputs)
     if args.probability:
         probability = check_output_path(args.probability, args.overwrite, MASK_SUFFIXES, inputs)
         if probability.absolute() == output.absolute():
@@ -112,12 +113,14 @@ def _check_segment_args(args: argparse.Namespace) -> None:
     check_input_path(args.checkpoint, "--checkpoint")
     if args.batch_size is not None and args.batch_size < 1:
         raise CliError(f"--batch-size {args.batch_size} must be at least 1")
+    check_extra_outputs(args, inputs)  # --dicom-seg / -o .dcm (needs a DICOM series input), --overlay
 
 
 def command_segment(args: argparse.Namespace) -> int:
+    from .cli_outputs import model_identity, write_outputs
     from .cli_sam import build_refiner_from_args, review_json, run_refinement
     from .inference import Segmenter
-    from .io import read_mask, read_volume, write_mask, write_volume
+    from .io import read_mask, read_volume, write_volume
     from .metrics import evaluate
     from .preprocessing import validate_ct
 
@@ -145,7 +148,7 @@ def command_segment(args: argparse.Namespace) -> int:
     refined = None if refiner is None else run_refinement(args, volume, result.mask, refiner)
     mask = result.mask if refined is None else refined.mask
     clock.lap("refine")
-    write_mask(args.output, mask, volume.ijk_to_ras)
+    written = write_outputs(args, volume, mask, *model_identity(segmenter, args.checkpoint, refiner))
     if args.probability:
         write_volume(args.probability, result.probability, volume.ijk_to_ras)
     clock.lap("write")
@@ -157,9 +160,9 @@ def command_segment(args: argparse.Namespace) -> int:
             "checkpoint": str(args.checkpoint or "bundled starter model"), "shape": list(volume.array.shape),
             "spacing_mm": list(volume.spacing), "liver_voxels": int(mask.sum()), "liver_ml": liver_ml,
             "metrics": metrics, "review": None if refined is None else review_json(refined),
-            "warnings": notes, "seconds": clock.laps}))
+            "dicom_seg": args.dicom_seg, "overlay": args.overlay, "warnings": notes, "seconds": clock.laps}))
         return 0
-    print(f"wrote {args.output} ({int(mask.sum())} liver voxels, {liver_ml:.1f} mL)")
+    print(f"wrote {', '.join(written)} ({int(mask.sum())} liver voxels, {liver_ml:.1f} mL)")
     if metrics is not None:
         _print_metrics(metrics)
     return 0
@@ -226,7 +229,8 @@ def command_sample(args: argparse.Namespace) -> int:
 
 SEGMENT_EPILOG = """examples:
   polycl segment "$(polycl sample)" -o liver.nii.gz --reference "$(polycl sample --label)"
-  polycl segment ct.nii.gz -o liver.seg.nrrd --refine litemedsam
+  polycl segment ct.nii.gz -o liver.seg.nrrd --refine litemedsam --overlay liver.png
+  polycl segment dicom_folder/ -o liver.dcm          # DICOM SEG referencing the series (see: polycl series)
   polycl segment dicom_folder/ -o liver.nii.gz --checkpoint mine.safetensors --device cpu"""
 EVALUATE_EPILOG = """example:
   polycl evaluate liver.nii.gz reference_liver.nii.gz --json
@@ -244,6 +248,7 @@ SAMPLE_EPILOG = """examples:
 
 
 def _add_segment(subparsers) -> None:
+    from .cli_outputs import add_output_arguments
     from .cli_sam import add_refine_arguments
 
     parser = subparsers.add_parser("segment", help="segment the liver in a CT volume",
@@ -254,7 +259,8 @@ def _add_segment(subparsers) -> None:
                         "number in the list the error prints (1, 2, ...) or its SeriesInstanceUID "
                         "(default: the folder's only image series; SEG / RTSTRUCT objects are not image series)")
     parser.add_argument("-o", "--output", required=True,
-                        help="output mask file (.nii.gz, .nrrd, .seg.nrrd with a Liver segment, .mha)")
+                        help="output mask file (.nii.gz, .nrrd, .seg.nrrd with a Liver segment, .mha; .dcm: DICOM "
+                             "SEG, for a DICOM series input)")
     parser.add_argument("--checkpoint", help="PolyCL checkpoint (default: the bundled starter model)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="compute device")
     parser.add_argument("--batch-size", type=int, default=None,
@@ -269,6 +275,7 @@ def _add_segment(subparsers) -> None:
     parser.add_argument("--json", action="store_true",
                         help="print one JSON summary (paths, liver mL, metrics, review slices, timings)")
     add_refine_arguments(parser)
+    add_output_arguments(parser)
     parser.set_defaults(handler=command_segment)
 
 
@@ -309,7 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
     sample.set_defaults(handler=command_sample)
 
     for module, function in (("cli_sam", "add_propagate_command"), ("cli_pretrain", "add_pretrain_command"),
-                             ("cli_suggest", "add_suggest_command")):
+                             ("cli_suggest", "add_suggest_command"), ("cli_outputs", "add_series_command")):
         try:
             add = getattr(__import__(f"polycl.{module}", fromlist=[function]), function)
         except (ImportError, AttributeError):

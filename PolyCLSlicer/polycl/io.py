@@ -306,8 +306,16 @@ def read_mask(path: str | os.PathLike, reference: Volume | None = None, label: i
 
     Any single non-zero value is the liver (0/1, 0/255).  A file holding several label values needs
     ``label`` (the liver's value), or a .seg.nrrd with exactly one segment named like 'liver';
-    otherwise it is refused rather than guessed.
+    otherwise it is refused rather than guessed.  A DICOM SEG file gives its liver segment, placed on the
+    reference grid by its frames' positions (``polycl.dicom_seg``).
     """
+    from .dicom_seg import is_dicom_seg, read_dicom_seg
+
+    if is_dicom_seg(path):
+        volume = read_dicom_seg(path, reference)
+        if reference is not None:
+            check_same_grid(volume, reference, what=f"{path}")
+        return volume
     volume = read_volume(path)
     array = volume.array
     if label is None:
