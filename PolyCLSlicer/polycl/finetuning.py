@@ -240,7 +240,7 @@ def finetune(pairs: list[tuple[Volume, Volume]], output: str | os.PathLike, conf
     generator = torch.Generator().manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
     best = {"score": math.inf, "epoch": 0, "state": None, "metrics": {}}
-    if False:  # epoch 0: keep the initial weights unless beaten
+    if sparse and init is not None and len(val.images):  # epoch 0: keep the initial weights unless beaten
         start = evaluate_slices(model, val, config.batch_size)
         best.update(score=start["val_loss"], state=copy.deepcopy(model.state_dict()), metrics=start)
         slice_card["initial_val_dice"] = round(start["val_dice"], 5)
