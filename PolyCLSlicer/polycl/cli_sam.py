@@ -113,18 +113,21 @@ def run_refinement(args: argparse.Namespace, volume: Volume, mask: np.ndarray, r
 
 def command_propagate(args: argparse.Namespace) -> int:
     """``polycl propagate``: one annotated slice -> volume mask."""
+    from . import __version__
     from .cli import _tqdm_progress, check_input_path, check_output_path
-    from .io import MASK_SUFFIXES, read_mask, read_volume, write_mask
+    from .cli_outputs import DICOM_SUFFIXES, check_extra_outputs, write_outputs
+    from .io import MASK_SUFFIXES, read_mask, read_volume
     from .preprocessing import validate_ct
     from .sam2_propagation import StopRules, propagate_from_annotation
 
     check_input_path(args.input, "input")
-    output = check_output_path(args.output, args.overwrite, MASK_SUFFIXES,
-                               (args.input, args.annotation, args.guide, args.reference))
+    inputs = (args.input, args.annotation, args.guide, args.reference)
+    output = check_output_path(args.output, args.overwrite, MASK_SUFFIXES + DICOM_SUFFIXES, inputs)
     for option in ("annotation", "guide", "reference", "sam2_checkpoint"):
         check_input_path(getattr(args, option), "--" + option.replace("_", "-"))
     if args.engine == "sam2" and args.sam2_checkpoint is None:
         raise ValueError("--engine sam2 needs --sam2-checkpoint FILE (its weights are not bundled)")
+    check_extra_outputs(args, inputs)  # --dicom-seg / -o .dcm (needs a DICOM series input), --overlay
     volume = read_volume(args.input, series=args.series)
     for note in validate_ct(volume.array, str(args.input)):  # broken CTs raise; odd ones are a warning
         print(f"polycl: warning: {note}", file=sys.stderr)
@@ -140,7 +143,8 @@ def command_propagate(args: argparse.Namespace) -> int:
             device=args.device, precision=args.precision, progress=progress)
     finally:
         close()
-    write_mask(output, result.mask, volume.ijk_to_ras)
+    write_outputs(args, volume, result.mask, f"PolyCLSlicer propagate ({result.engine})", f"polycl {__version__}",
+                  automatic=False)
     print(f"polycl: propagated with {result.engine} from slice(s) {result.seed_indices} in {result.seconds:.1f} s; "
           f"{result.slices_with_mask} slices with liver", file=sys.stderr)
     for line in result.stops:
@@ -157,7 +161,8 @@ def command_propagate(args: argparse.Namespace) -> int:
             "input": str(args.input), "output": str(output), "engine": result.engine,
             "seed_slices": list(result.seed_indices), "slices_with_liver": result.slices_with_mask,
             "liver_ml": float(result.mask.astype(bool).sum()) * float(np.prod(volume.spacing)) / 1000,
-            "seconds": result.seconds, "stops": list(result.stops), "dice": score}))
+            "seconds": result.seconds, "stops": list(result.stops), "dice": score,
+            "dicom_seg": args.dicom_seg, "overlay": args.overlay}))
         return 0
     if score is not None:
         print(f"Dice {score:.4f}")
@@ -166,7 +171,7 @@ def command_propagate(args: argparse.Namespace) -> int:
 
 
 PROPAGATE_EPILOG = """examples:
-  polycl propagate ct.nii.gz --annotation one_slice.nii.gz -o liver.nii.gz
+  polycl propagate ct.nii.gz --annotation one_slice.nii.gz -o liver.nii.gz --overlay liver.png
   polycl propagate ct.nii.gz --annotation one_slice.nii.gz -o liver.nii.gz --engine sam2 \\
       --sam2-checkpoint sam2.1_hiera_tiny.pt --direction up --bounds 10 60"""
 
@@ -174,6 +179,7 @@ PROPAGATE_EPILOG = """examples:
 def add_propagate_command(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Register ``polycl propagate``."""
     from .cli import HelpFormatter
+    from .cli_outputs import add_output_arguments
 
     parser = subparsers.add_parser(
         "propagate", help="propagate a liver annotation on one axial slice through the volume",
@@ -186,7 +192,8 @@ def add_propagate_command(subparsers: argparse._SubParsersAction) -> argparse.Ar
     parser.add_argument("--annotation", required=True,
                         help="mask on the CT grid with the liver drawn on one axial slice (or several: each "
                              "seeds the slices nearest to it)")
-    parser.add_argument("-o", "--output", required=True, help="output mask file (.nii.gz, .nrrd, .seg.nrrd, .mha)")
+    parser.add_argument("-o", "--output", required=True, help="output mask file (.nii.gz, .nrrd, .seg.nrrd, .mha; "
+                        ".dcm: DICOM SEG, for a DICOM series input)")
     parser.add_argument("--engine", default="auto", choices=["auto", "sam2", "litemedsam"],
                         help="auto (default): sam2 when --sam2-checkpoint is given, else litemedsam")
     parser.add_argument("--sam2-checkpoint", help="SAM 2 checkpoint (e.g. sam2.1_hiera_tiny.pt; default: none, "
@@ -209,6 +216,7 @@ def add_propagate_command(subparsers: argparse._SubParsersAction) -> argparse.Ar
     parser.add_argument("--reference", help="reference liver mask: print Dice (default: none)")
     parser.add_argument("--json", action="store_true", help="print one JSON summary (paths, mL, Dice, stops)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    add_output_arguments(parser)
     parser.set_defaults(handler=command_propagate)
     return parser
 
