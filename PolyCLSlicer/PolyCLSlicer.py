@@ -659,11 +659,7 @@ class PolyCLSlicerLogic(ScriptedLoadableModuleLogic):
                 node = segmentationNode or mrml.new_segmentation_node(volumeNode)
                 segmentId = self._targetSegment(node, volumeNode, segmentName, overwrite)
                 mrml.write_segment_mask(node, segmentId, output.mask, matrix)
-                review = [
-                    {**row, "ras": mrml.slice_center_ras(volumeNode, output.axis, row["slice"])}
-                    for row in output.disagreements
-                ]
-                mrml.store_review(node, segmentId, output.axis, output.disagreements)  # replaces an older list
+                review = self._storeReview(node, segmentId, volumeNode, output)
             return self._report(node, segmentId, output.mask, matrix, output.axis, started, output.warnings, review)
 
         return Task("segmentation", job, MaskResult.read, apply, self.worker)
@@ -716,9 +712,7 @@ class PolyCLSlicerLogic(ScriptedLoadableModuleLogic):
                 targetId = segmentId if overwrite else self._targetSegment(
                     segmentationNode, volumeNode, f"{sourceName} refined", False)
                 mrml.write_segment_mask(segmentationNode, targetId, output.mask, matrix)
-                mrml.store_review(segmentationNode, targetId, output.axis, output.disagreements)
-            review = [{**row, "ras": mrml.slice_center_ras(volumeNode, output.axis, row["slice"])}
-                      for row in output.disagreements]
+                review = self._storeReview(segmentationNode, targetId, volumeNode, output)
             return self._report(segmentationNode, targetId, output.mask, matrix, output.axis, started,
                                 output.warnings, review)
 
@@ -735,6 +729,15 @@ class PolyCLSlicerLogic(ScriptedLoadableModuleLogic):
     ) -> SegmentReport:
         """Refine an existing segment with SAM box prompts (new segment by default); headless."""
         return self.refineTask(volumeNode, segmentationNode, segmentId, **options).run(progress, cancel)
+
+    @staticmethod
+    def _storeReview(node: vtkMRMLSegmentationNode, segmentId: str, volumeNode: vtkMRMLScalarVolumeNode,
+                     output: MaskResult) -> list[dict]:
+        """Store the refiner's disagreement slices with the segmentation (replacing an older list); return
+        them with the RAS centre of each slice."""
+        mrml.store_review(node, segmentId, output.axis, output.disagreements)
+        return [{**row, "ras": mrml.slice_center_ras(volumeNode, output.axis, row["slice"])}
+                for row in output.disagreements]
 
     def _targetSegment(
         self, segmentationNode: vtkMRMLSegmentationNode, volumeNode: vtkMRMLScalarVolumeNode, name: str, overwrite: bool
