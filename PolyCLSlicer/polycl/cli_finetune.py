@@ -179,7 +179,7 @@ def add_finetune_command(subparsers: argparse._SubParsersAction) -> argparse.Arg
                         "(the bundled model); default: random initialisation")
     parser.add_argument("--architecture", choices=["polycl_unet", "resunet", "transunet"],
                         help="network (default: the --init checkpoint's, else polycl_unet)")
-    parser.add_argument("--epochs", type=int, help="training epochs (default: 100; 20 with --slices annotated)")
+    parser.add_argument("--epochs", type=int, help="training epochs (default: 100; 10 with --slices annotated)")
     parser.add_argument("--batch-size", type=int, help="slices per batch (default: 10; 8 with --slices annotated)")
     parser.add_argument("--lr", type=float, help="Adam learning rate (default: 1e-3; 1e-4 with --slices annotated)")
     parser.add_argument("--slices", choices=["all", "annotated"], default="all",
