@@ -297,3 +297,24 @@ def test_overlay_shows_a_left_anterior_superior_marker_where_a_radiologist_expec
         assert rows.mean() < panel.ct.shape[0] / 2, panel.title  # anterior / superior: image top
     assert superior.aspect == pytest.approx(1.2 / 0.9, rel=0.05)  # rows A-P (1.2 mm), columns R-L (0.9 mm)
     assert coronal.aspect == pytest.approx(2.5 / 0.9, rel=0.05)
+
+
+# ------------------------------------------------------------------------------------------- README
+def test_readme_dicom_seg_commands_run_as_written(data_dir, tmp_path, monkeypatch, capsys, single_torch_thread):
+    """The README's DICOM SEG block, run from a folder where ../shared/data is the shared data."""
+    import shlex
+
+    from test_cli_newcomer import readme_blocks
+
+    (block,) = readme_blocks("DICOM SEG and a picture", "bash")
+    commands = [shlex.split(line) for line in block.strip().splitlines()]
+    assert [c[:2] for c in commands] == [["polycl", "series"], ["polycl", "segment"], ["polycl", "evaluate"]]
+    monkeypatch.chdir(tmp_path)
+    for command in commands:
+        argv = [a.replace("../shared/data", str(data_dir)) for a in command[1:]]
+        assert main(argv) == 0, command
+    out = capsys.readouterr().out
+    assert "[1] CT" in out and "[-] SEG" in out and "mL" in out
+    dice = float(out.split("Dice ")[1].split()[0])
+    assert dice > 0.9  # the starter model on its training case, round trip through the DICOM SEG
+    assert (tmp_path / "liver.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
