@@ -9,25 +9,15 @@ import shutil
 
 import numpy as np
 import pytest
+from test_cli_newcomer import no_work, readme_blocks, run_error, tiny_checkpoint  # noqa: F401  (no_work: fixture)
 
 from polycl import samples
-from polycl.checkpoints import default_card, save_model
 from polycl.cli import main
 from polycl.io import LPS_TO_RAS, check_same_grid, read_mask, read_volume
-from polycl.models import build_model
 
 hd = pytest.importorskip("highdicom")
 pydicom = pytest.importorskip("pydicom")
 SERIES = "dicom/totalseg_series"
-SMALL = {"channels": (4, 8, 16, 32, 64), "dropout": 0.0}
-
-
-def run_error(capsys, argv: list[str]) -> str:
-    code = main(argv)
-    err = capsys.readouterr().err.strip()
-    assert code == 2, err
-    assert err.startswith("polycl: error:") and len(err.splitlines()) == 1, err
-    return err
 
 
 def twin(array: np.ndarray, ijk_to_ras: np.ndarray, order=(1, 0, 2), flip: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -53,19 +43,6 @@ def series(data_dir):
     from polycl.dicom import choose_series
 
     return folder, ct, mask, choose_series(folder).files
-
-
-@pytest.fixture()
-def no_work(monkeypatch):
-    """Fail the test if a volume is read or a network runs."""
-    import polycl.inference
-    import polycl.io
-
-    def forbidden(*args, **kwargs):
-        raise AssertionError("work started before the arguments were checked")
-
-    monkeypatch.setattr(polycl.io, "read_volume", forbidden)
-    monkeypatch.setattr(polycl.inference.Segmenter, "segment", forbidden)
 
 
 # ---------------------------------------------------------------------------------------- DICOM SEG
@@ -166,8 +143,7 @@ def test_foreign_dicom_seg_reads_onto_the_ct_grid(data_dir, capsys):
 
 def test_segment_dicom_series_writes_seg_mask_and_overlay_in_one_run(series, tmp_path, capsys, single_torch_thread):
     folder, ct, _, _ = series
-    checkpoint = save_model(tmp_path / "tiny.safetensors", build_model("polycl_unet", **SMALL),
-                            default_card("polycl_unet", SMALL, 32))
+    checkpoint = tiny_checkpoint(tmp_path / "tiny.safetensors")
     out = tmp_path / "out"
     out.mkdir()
     assert main(["segment", str(folder), "-o", str(out / "liver.nii.gz"), "--dicom-seg", str(out / "liver.dcm"),
@@ -193,7 +169,8 @@ def test_segment_dicom_series_writes_seg_mask_and_overlay_in_one_run(series, tmp
     (["-o", "{tmp}/o.nii.gz", "--overlay", "{tmp}/missing/o.png"], "output folder"),
     (["-o", "{tmp}/o.nii.gz", "--overlay", "{tmp}/old.png"], "exists; pass --overwrite"),
 ])
-def test_seg_and_overlay_options_are_checked_before_any_work(extra, expected, tmp_path, capsys, no_work):
+@pytest.mark.usefixtures("no_work")
+def test_seg_and_overlay_options_are_checked_before_any_work(extra, expected, tmp_path, capsys):
     (tmp_path / "ct.nii.gz").write_bytes(b"never read")
     (tmp_path / "old.png").write_bytes(b"a user's picture")
     before = sorted(p.name for p in tmp_path.iterdir())
@@ -204,7 +181,8 @@ def test_seg_and_overlay_options_are_checked_before_any_work(extra, expected, tm
     assert (tmp_path / "old.png").read_bytes() == b"a user's picture"
 
 
-def test_dicom_seg_refused_for_a_folder_without_an_image_series(data_dir, tmp_path, capsys, no_work):
+@pytest.mark.usefixtures("no_work")
+def test_dicom_seg_refused_for_a_folder_without_an_image_series(data_dir, tmp_path, capsys):
     folder = tmp_path / "only_seg"
     folder.mkdir()
     shutil.copy(data_dir / "dicom" / "dcmqi_3slice" / "liver.dcm", folder)
@@ -304,8 +282,6 @@ def test_readme_dicom_seg_commands_run_as_written(data_dir, tmp_path, monkeypatc
     """The README's DICOM SEG block, run from a folder where ../shared/data is the shared data."""
     import shlex
 
-    from test_cli_newcomer import readme_blocks
-
     (block,) = readme_blocks("DICOM SEG and a picture", "bash")
     commands = [shlex.split(line) for line in block.strip().splitlines()]
     assert [c[:2] for c in commands] == [["polycl", "series"], ["polycl", "segment"], ["polycl", "evaluate"]]
@@ -318,3 +294,32 @@ def test_readme_dicom_seg_commands_run_as_written(data_dir, tmp_path, monkeypatc
     dice = float(out.split("Dice ")[1].split()[0])
     assert dice > 0.9  # the starter model on its training case, round trip through the DICOM SEG
     assert (tmp_path / "liver.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_propagate_writes_a_semiautomatic_dicom_seg_and_an_overlay(series, tmp_path, monkeypatch, capsys):
+    """The propagation itself is replaced (its own tests cover it): this checks what propagate writes."""
+    from types import SimpleNamespace
+
+    import polycl.sam2_propagation
+    from polycl.io import write_mask
+
+    folder, ct, mask, _ = series
+    one_slice = np.zeros_like(mask)
+    one_slice[:, :, 10] = mask[:, :, 10]
+    write_mask(tmp_path / "one.nii.gz", one_slice, ct.ijk_to_ras)
+
+    def fake(array, ijk_to_ras, annotation, **kwargs):
+        assert np.array_equal(annotation, one_slice)
+        return SimpleNamespace(mask=mask, engine="fake", seed_indices=[10], slices_with_mask=18, seconds=0.1,
+                               stops=["stopped: test"])
+
+    monkeypatch.setattr(polycl.sam2_propagation, "propagate_from_annotation", fake)
+    assert main(["propagate", str(folder), "--annotation", str(tmp_path / "one.nii.gz"), "-o",
+                 str(tmp_path / "liver.dcm"), "--overlay", str(tmp_path / "liver.png"), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["output"] == str(tmp_path / "liver.dcm") and summary["overlay"] == str(tmp_path / "liver.png")
+    assert np.array_equal(read_mask(tmp_path / "liver.dcm", ct).array, mask)
+    (segment,) = pydicom.dcmread(tmp_path / "liver.dcm", stop_before_pixels=True).SegmentSequence
+    assert segment.SegmentAlgorithmType == "SEMIAUTOMATIC"
+    assert segment.SegmentationAlgorithmIdentificationSequence[0].AlgorithmName == "PolyCLSlicer propagate (fake)"
+    assert (tmp_path / "liver.png").stat().st_size > 10_000
