@@ -65,7 +65,10 @@ def is_dicom_seg(path: str | os.PathLike) -> bool:
     except ImportError:
         raise VolumeReadError(f"{path}: a DICOM file; reading it as a mask needs highdicom: pip install highdicom")\
             from None
-    header = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SOPClassUID"])
+    try:
+        header = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SOPClassUID"])
+    except Exception:  # a damaged DICOM file: not a SEG we can read; the volume reader says what is wrong
+        return False
     return str(header.get("SOPClassUID", "")) == SEG_SOP_CLASS
 
 
