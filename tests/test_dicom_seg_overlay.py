@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -323,3 +324,29 @@ def test_propagate_writes_a_semiautomatic_dicom_seg_and_an_overlay(series, tmp_p
     assert segment.SegmentAlgorithmType == "SEMIAUTOMATIC"
     assert segment.SegmentationAlgorithmIdentificationSequence[0].AlgorithmName == "PolyCLSlicer propagate (fake)"
     assert (tmp_path / "liver.png").stat().st_size > 10_000
+
+
+def test_failed_seg_and_overlay_writes_leave_the_old_files(series, sample, tmp_path, monkeypatch):
+    """Both are written through atomic_write: a writer that dies half-way leaves the old file, no temp file."""
+    import matplotlib.figure
+
+    from polycl.dicom_seg import write_dicom_seg
+    from polycl.overlay import write_overlay
+
+    def half_then_fail(self, filename, *args, **kwargs):
+        Path(filename).write_bytes(b"half a file")
+        raise OSError(28, "No space left on device")
+
+    _, ct, mask, files = series
+    (tmp_path / "liver.dcm").write_bytes(b"the user's old SEG")
+    (tmp_path / "liver.png").write_bytes(b"the user's old picture")
+    monkeypatch.setattr(hd.seg.Segmentation, "save_as", half_then_fail)
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", half_then_fail)
+    with pytest.raises(OSError, match="nothing was written"):
+        write_dicom_seg(tmp_path / "liver.dcm", mask, ct.ijk_to_ras, files, "PolyCLSlicer", "v1")
+    sample_ct, sample_mask = sample
+    with pytest.raises(OSError, match="nothing was written"):
+        write_overlay(tmp_path / "liver.png", sample_ct.array, sample_mask, sample_ct.ijk_to_ras, "caption")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["liver.dcm", "liver.png"]
+    assert (tmp_path / "liver.dcm").read_bytes() == b"the user's old SEG"
+    assert (tmp_path / "liver.png").read_bytes() == b"the user's old picture"
