@@ -131,13 +131,19 @@ def test_dicom_seg_refuses_a_mask_off_the_series_grid_and_a_reader_grid_it_does_
         read_mask(path, small)
 
 
-def test_foreign_dicom_seg_reads_onto_the_ct_grid(data_dir, capsys):
-    """dcmqi's liver.dcm (frames only where the liver is) equals the NIfTI reference; evaluate reads it."""
+def test_foreign_dicom_seg_reads_onto_the_ct_grid(data_dir, tmp_path, capsys):
+    """dcmqi's liver.dcm equals the NIfTI reference; evaluate reads it; a SEG written for this series (its
+    CT files have an empty SpecificCharacterSet) reads back equal."""
+    from polycl.dicom import choose_series
+    from polycl.dicom_seg import write_dicom_seg
+
     folder = data_dir / "dicom" / "dcmqi_3slice"
     reference = data_dir / "labeled" / "dcmqi_3slice_liver.nii.gz"
     ct = read_volume(folder)
     expected = read_mask(reference, ct).array
     assert np.array_equal(read_mask(folder / "liver.dcm", ct).array, expected)
+    ours = write_dicom_seg(tmp_path / "ours.dcm", expected, ct.ijk_to_ras, choose_series(folder).files, "t", "1")
+    assert np.array_equal(read_mask(ours).array, expected)
     assert main(["evaluate", str(folder / "liver.dcm"), str(reference), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["dice"] == 1.0
 
@@ -350,3 +356,49 @@ def test_failed_seg_and_overlay_writes_leave_the_old_files(series, sample, tmp_p
     assert sorted(p.name for p in tmp_path.iterdir()) == ["liver.dcm", "liver.png"]
     assert (tmp_path / "liver.dcm").read_bytes() == b"the user's old SEG"
     assert (tmp_path / "liver.png").read_bytes() == b"the user's old picture"
+
+
+def _two_segment_seg(data_dir, second_type):
+    """A SEG of the 3-slice CT with segment 1 = a block labelled 'Organ' and segment 2 of ``second_type``."""
+    from pydicom.sr.codedict import codes
+
+    from polycl.dicom_seg import _sorted_sources, terminology_codes
+
+    folder = data_dir / "dicom" / "dcmqi_3slice"
+    sources, _ = _sorted_sources([str(f) for f in folder.glob("ct-3slice_*.dcm")])
+    frames = np.zeros((3, sources[0].Rows, sources[0].Columns, 2), np.uint8)
+    frames[:, 10:50, 20:60, 0] = 1
+    frames[:, 200:300, 100:250, 1] = 1
+    category, _ = terminology_codes()
+    algorithm = hd.AlgorithmIdentificationSequence(name="test", family=codes.cid7162.ArtificialIntelligence,
+                                                   version="1")
+    segments = [hd.seg.SegmentDescription(number, label, category, kind, "AUTOMATIC", algorithm)
+                for number, label, kind in ((1, "Organ", codes.SCT.Spleen), (2, "Second", second_type))]
+    seg = hd.seg.Segmentation(sources, frames, "BINARY", segments, hd.UID(), 1, hd.UID(), 1, "test", "test", "1", "1")
+    return folder, seg
+
+
+def test_multi_segment_seg_gives_the_liver_or_is_refused(data_dir, tmp_path):
+    from pydicom.sr.codedict import codes
+
+    from polycl.io import VolumeReadError
+
+    folder, seg = _two_segment_seg(data_dir, codes.SCT.Liver)
+    seg.save_as(tmp_path / "two.dcm")
+    ct = read_volume(folder)
+    liver = read_mask(tmp_path / "two.dcm", ct).array
+    assert liver.sum() == 3 * 100 * 150 and liver[100:250, 200:300, :].all()  # segment 2 (rows 200:300, cols 100:250)
+    folder, seg = _two_segment_seg(data_dir, codes.SCT.Kidney)
+    seg.save_as(tmp_path / "none.dcm")
+    with pytest.raises(VolumeReadError, match="2 segments .* none of them is the liver"):
+        read_mask(tmp_path / "none.dcm", ct)
+
+
+def test_overlay_of_an_empty_mask_says_no_liver(sample):
+    from polycl.overlay import liver_caption, overlay_panels
+
+    ct, mask = sample
+    empty = np.zeros_like(mask)
+    panels = overlay_panels(ct.array, empty, ct.ijk_to_ras)
+    assert len(panels) == 4 and not any(p.mask.any() for p in panels)
+    assert "no liver found" in liver_caption("sample", empty, ct.ijk_to_ras)

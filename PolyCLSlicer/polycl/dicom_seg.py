@@ -14,6 +14,7 @@ reads in).
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -84,6 +85,9 @@ def _sorted_sources(files: list[str]) -> list:
         for key in ("SOPClassUID", "SOPInstanceUID"):  # some anonymisers blank them; the file meta keeps them
             if not str(dataset.get(key, "")).strip():
                 setattr(dataset, key, dataset.file_meta.get(f"MediaStorage{key}", ""))
+        if "SpecificCharacterSet" in dataset and not any(str(v).strip() for v in
+                                                         np.atleast_1d(dataset.SpecificCharacterSet)):
+            del dataset.SpecificCharacterSet  # empty = the default repertoire; highdicom refuses ''
     if len(datasets) == 1:
         return datasets, float(datasets[0].get("SpacingBetweenSlices", 0) or datasets[0].get("SliceThickness", 1))
     step, order = _highdicom().spatial.get_series_volume_positions(datasets)
@@ -109,14 +113,12 @@ def build_dicom_seg(mask: np.ndarray, ijk_to_ras: np.ndarray, source_files: list
     hd = _highdicom()
     from pydicom.sr.codedict import codes
 
-    from . import __version__
-
     sources, step = _sorted_sources(source_files)
     geometry = _series_geometry(sources, step)
     volume = hd.Volume(array=(np.asarray(mask) > 0).astype(np.uint8), affine=LPS_TO_RAS @ np.asarray(ijk_to_ras),
                        coordinate_system="PATIENT", frame_of_reference_uid=geometry.frame_of_reference_uid)
     volume = volume.match_orientation(geometry)  # permutation and flips through both affines
-    if not volume.geometry_equal(geometry):
+    if not volume.geometry_equal(geometry, tol=1e-3):  # mm; ITK and the DICOM strings round differently
         raise ValueError("the mask is not on the DICOM series' voxel grid; a DICOM SEG can only reference "
                          "the series the mask was computed on")
     category, property_type = terminology_codes()
@@ -127,6 +129,14 @@ def build_dicom_seg(mask: np.ndarray, ijk_to_ras: np.ndarray, source_files: list
         algorithm_identification=hd.AlgorithmIdentificationSequence(
             name=algorithm[:64], family=codes.cid7162.ArtificialIntelligence, version=version[:64]),
         display_color=hd.color.CIELabColor.from_rgb(*(round(255 * c) for c in LIVER_COLOR)))
+    with warnings.catch_warnings():  # the source's patient name is copied as it is; not the user's problem here
+        warnings.filterwarnings("ignore", message="The string .* is unlikely to represent", category=UserWarning)
+        return _segmentation(hd, sources, volume, description, algorithm)
+
+
+def _segmentation(hd, sources: list, volume, description, algorithm: str):
+    from . import __version__
+
     return hd.seg.Segmentation(
         source_images=sources, pixel_array=volume, segmentation_type="BINARY",
         segment_descriptions=[description], series_instance_uid=hd.UID(), series_number=9901,
