@@ -53,10 +53,10 @@ class JobOutput:
     result: dict
 
     def mask(self, name: str = "mask") -> np.ndarray:
-        """An output mask as a uint8 [i, j, k] array."""
-        from polycl.io import read_mask
+        """An output mask (the worker writes uint8 0/1) as a uint8 [i, j, k] array."""
+        from polycl.io import read_volume
 
-        return read_mask(self.files[name]).array
+        return np.asarray(read_volume(self.files[name]).array, np.uint8)
 
 
 @dataclass
