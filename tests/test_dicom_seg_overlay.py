@@ -378,6 +378,7 @@ def _two_segment_seg(data_dir, second_type):
     return folder, seg
 
 
+@pytest.mark.filterwarnings("ignore:The string .* is unlikely:UserWarning")  # the test CT's patient name
 def test_multi_segment_seg_gives_the_liver_or_is_refused(data_dir, tmp_path):
     from pydicom.sr.codedict import codes
 
