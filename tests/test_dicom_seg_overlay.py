@@ -209,6 +209,9 @@ def test_series_lists_image_and_non_image_series(data_dir, tmp_path, capsys):
         (1, "CT", 3, True), (None, "SEG", 1, False)]
     assert "not a folder" in run_error(capsys, ["series", str(folder / "liver.dcm")])
     assert "no DICOM series" in run_error(capsys, ["series", str(tmp_path)])
+    shutil.copy(folder / "liver.dcm", tmp_path)
+    assert main(["series", str(tmp_path)]) == 0
+    assert capsys.readouterr().out.splitlines()[-1].startswith("no image series here")
 
 
 # ------------------------------------------------------------------------------------------ overlay

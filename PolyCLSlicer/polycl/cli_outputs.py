@@ -123,7 +123,8 @@ def command_series(args: argparse.Namespace) -> int:
                   "(not an image series)")
         else:
             print(series.label(row["number"]))
-    print(f"{len(images)} image series; pick one with --series NUMBER or --series UID")
+    print(f"{len(images)} image series; pick one with --series NUMBER or --series UID" if images else
+          "no image series here (only objects such as SEG or RTSTRUCT): nothing to segment")
     return 0
 
 
