@@ -72,8 +72,8 @@ def negative_pair(ct: Volume, first: int, last: int, stride: int = 1) -> tuple[V
     return crop, Volume(np.zeros(crop.array.shape, np.uint8), crop.ijk_to_ras, crop.source + " (no liver)")
 
 
-def training_pairs(data: Path, recipe: str, pseudo: Path | None, exclude: str | None,
-                   flags: dict) -> tuple[list[tuple[Volume, Volume]], list[str]]:
+def training_pairs(data: Path, recipe: str, pseudo: Path | None, exclude: str | None, flags: dict,
+                   negative_stride: int = NEGATIVE_STRIDE) -> tuple[list[tuple[Volume, Volume]], list[str]]:
     """(CT, mask) pairs of one recipe and a one-line description of each."""
     skip = {exclude, *SAME_PATIENT.get(exclude, ())} if exclude else set()
     pairs, notes = [], []
@@ -99,8 +99,8 @@ def training_pairs(data: Path, recipe: str, pseudo: Path | None, exclude: str | 
             notes.append(f"{case}: whole scan, pseudo-label, every {WHOLE_SCAN_STRIDE}. slice")
             continue
         for first, last in flags[case]["absent"]:
-            pairs.append(negative_pair(ct, first, last, NEGATIVE_STRIDE))
-            notes.append(f"{case}: canonical slices {first}-{last} (liver-free), every {NEGATIVE_STRIDE}. slice, "
+            pairs.append(negative_pair(ct, first, last, negative_stride))
+            notes.append(f"{case}: canonical slices {first}-{last} (liver-free), every {negative_stride}. slice, "
                          "empty mask")
     return pairs, notes
 
@@ -123,6 +123,7 @@ def main() -> int:
     parser.add_argument("--init", type=Path, help="initial segmentation checkpoint (warm start)")
     parser.add_argument("--augment-intensity", type=float, default=0.05, help="offset range, window units")
     parser.add_argument("--augment-noise", type=float, default=0.0, help="max noise sd, window units")
+    parser.add_argument("--negative-stride", type=int, default=NEGATIVE_STRIDE, help="every k-th liver-free slice")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -130,7 +131,7 @@ def main() -> int:
     data = data_root(args.data)
     flags = json.loads((ROOT / "bench" / "presence_flags.json").read_text())
     print(machine(), flush=True)
-    pairs, notes = training_pairs(data, args.recipe, args.pseudo, args.exclude, flags)
+    pairs, notes = training_pairs(data, args.recipe, args.pseudo, args.exclude, flags, args.negative_stride)
     slices = sum(num_slices(ct) for ct, _ in pairs)
     print("\n".join(notes), f"\n{slices} slices", flush=True)
     config = FinetuneConfig(architecture=args.architecture, architecture_args={"dropout": args.dropout},
