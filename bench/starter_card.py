@@ -52,8 +52,9 @@ def main() -> int:
         fit[case] = round(dice(segmenter.segment(ct.array, ct.ijk_to_ras).mask, reference.array), 3)
     card["name"] = "PolyCL liver starter model"
     card["intended_use"] = ("Research starter model for CPU demos and tests: liver in abdominal CT, trained on 3 "
-                            "labelled + 2 pseudo-labelled CTs and liver-free chest/pelvis slices; finetune on your "
-                            "own data before relying on it. Not for clinical use.")
+                            "labelled scans (one extended by a pseudo-labelled liver tip and its liver-free slices) "
+                            "and liver-free chest slices of 3 more CTs; finetune on your own data before relying "
+                            "on it. Not for clinical use.")
     card["recipe"]["hardware"] = f"2 shared CPU cores (AMD EPYC), {args.minutes:.0f} min"
     card["metrics"]["training_set_dice_3d"] = fit
     card["metrics"]["leave_one_case_out"] = [
