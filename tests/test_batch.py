@@ -62,7 +62,7 @@ def test_batch_processes_good_files_and_reports_bad_ones(batch_folder, batch_che
         (".nii.gz", ".nrrd"))}
     assert set(lines) == {"a_dcmqi.nii.gz", "b_oblique.nrrd", "c_corrupt.nii.gz", "d_flat.nrrd"}
     assert " ok " in lines["a_dcmqi.nii.gz"] and " ok " in lines["b_oblique.nrrd"]
-    assert "FAILED" in lines["c_corrupt.nii.gz"] and "cannot read" in lines["c_corrupt.nii.gz"]
+    assert "FAILED" in lines["c_corrupt.nii.gz"] and "not a readable" in lines["c_corrupt.nii.gz"]
     assert "FAILED" in lines["d_flat.nrrd"] and "empty" in lines["d_flat.nrrd"]
     assert sorted(p.name for p in out.iterdir()) == ["a_dcmqi.seg.nrrd", "a_dcmqi_liver.nii.gz",
                                                      "b_oblique.seg.nrrd", "b_oblique_liver.nii.gz"]
