@@ -6,13 +6,11 @@ ScriptedLoadableModule, parameterNodeWrapper) are imported in a guarded block so
 imports and runs under ``slicer-core`` (real MRML, no application) for batch use and CI.
 """
 
-import enum
-import logging
 import os
 import sys
 import time
 import unittest
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -30,6 +28,17 @@ from PolyCLSlicerLib.dependencies import check_slicer_version  # noqa: E402
 check_slicer_version()  # Slicer < 5.10 (Python 3.9): refuse with a clear message before anything fails
 
 from PolyCLSlicerLib import core, dependencies, loop, mrml, sample_data, selftest  # noqa: E402
+from PolyCLSlicerLib.parameters import (  # noqa: E402
+    NO_CHECKPOINT_MESSAGE,
+    Device,
+    Direction,
+    FinetuneSlices,
+    Refiner,
+    SamModel,
+    absolutePath,
+    optionalPath,
+)
+from PolyCLSlicerLib.report import SegmentReport  # noqa: E402
 from PolyCLSlicerLib.sample_data import PROJECT_URL  # noqa: E402
 from PolyCLSlicerLib.tasks import FinetuneOutcome, MaskResult, Task, TaskRunner, WorkerJob  # noqa: E402
 from PolyCLSlicerLib.undo import undo_on_error  # noqa: E402
@@ -50,38 +59,19 @@ try:  # only inside the Slicer application
 
     HAS_APP = hasattr(slicer, "app")
 except ImportError:  # slicer-core: plain stand-ins, the Logic stays fully usable
+    from PolyCLSlicerLib.headless import (  # type: ignore[assignment]
+        ScriptedLoadableModule,
+        ScriptedLoadableModuleLogic,
+        ScriptedLoadableModuleTest,
+        ScriptedLoadableModuleWidget,
+        VTKObservationMixin,
+        WithinRange,
+        parameterNodeWrapper,
+    )
+
     qt = None
     HAS_APP = False
 
-    class ScriptedLoadableModule:  # type: ignore[no-redef]
-        def __init__(self, parent: Any) -> None:
-            self.parent = parent
-
-    class ScriptedLoadableModuleWidget:  # type: ignore[no-redef]
-        def __init__(self, parent: Any = None) -> None:
-            self.parent = parent
-
-    class ScriptedLoadableModuleLogic:  # type: ignore[no-redef]
-        def __init__(self) -> None:
-            pass
-
-    class ScriptedLoadableModuleTest(unittest.TestCase):  # type: ignore[no-redef]
-        def delayDisplay(self, message: str, msec: int = 0) -> None:
-            logging.info(message)
-
-    class VTKObservationMixin:  # type: ignore[no-redef]
-        def __init__(self) -> None:
-            pass
-
-    class WithinRange:  # type: ignore[no-redef]
-        def __init__(self, minimum: float, maximum: float) -> None:
-            self.minimum, self.maximum = minimum, maximum
-
-    def parameterNodeWrapper(cls: type) -> type:  # type: ignore[no-redef]
-        return cls
-
-
-NO_CHECKPOINT_MESSAGE = "Choose a checkpoint file, or tick 'Bundled starter model'."
 MAX_ANNOTATED_SLICES = 5  # more is not a one-slice annotation (e.g. the whole coarse liver)
 
 
@@ -124,57 +114,6 @@ registerSampleData = sample_data.register
 #
 # Parameter node
 #
-class Device(enum.Enum):
-    AUTO = "auto"
-    CPU = "cpu"
-    CUDA = "cuda"
-
-    def label(self) -> str:
-        return {"auto": "Auto (CUDA if available)", "cpu": "CPU", "cuda": "CUDA GPU"}[self.value]
-
-
-class Refiner(enum.Enum):
-    NONE = "none"
-    LITEMEDSAM = "litemedsam"
-    SAM = "sam"
-    SAM2 = "sam2"
-
-    def label(self) -> str:
-        return {
-            "none": "None",
-            "litemedsam": "LiteMedSAM (bundled weights)",
-            "sam": "SAM (checkpoint file)",
-            "sam2": "SAM 2 (checkpoint file)",
-        }[self.value]
-
-
-class SamModel(enum.Enum):
-    VIT_B = "vit_b"
-    VIT_L = "vit_l"
-    VIT_H = "vit_h"
-
-    def label(self) -> str:
-        return self.value.replace("vit_", "ViT-").upper().replace("VIT", "ViT")
-
-
-class Direction(enum.Enum):
-    BOTH = "both"
-    UP = "up"
-    DOWN = "down"
-
-    def label(self) -> str:
-        return {"both": "Both directions", "up": "Up (superior)", "down": "Down (inferior)"}[self.value]
-
-
-class FinetuneSlices(enum.Enum):
-    AUTO = "auto"
-    ANNOTATED = "annotated"
-    ALL = "all"
-
-    def label(self) -> str:
-        return {"auto": "Automatic", "annotated": "Annotated slices", "all": "Whole volume"}[self.value]
-
-
 @parameterNodeWrapper
 class PolyCLSlicerParameterNode:
     """Every option of the panel; each one is bound to a widget through SlicerParameterName."""
@@ -197,17 +136,6 @@ class PolyCLSlicerParameterNode:
     finetuneSlices: FinetuneSlices = FinetuneSlices.AUTO
     epochs: Annotated[int, WithinRange(1, 1000)] = 20
     learningRate: Annotated[float, WithinRange(1e-6, 0.1)] = 1e-4
-
-
-def absolutePath(path: str | os.PathLike | None) -> str | None:
-    """A user's file path made absolute here (the worker process may have another working folder)."""
-    return None if path is None else str(Path(path).expanduser().resolve())
-
-
-def optionalPath(path: Path | str | None) -> str | None:
-    """None for no file: '' (or '.', what scenes saved with Path parameters hold)."""
-    text = str(path or "").strip()
-    return None if text in ("", ".") else text
 
 
 #
@@ -570,28 +498,6 @@ class PolyCLSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 #
 # Logic
 #
-@dataclass
-class SegmentReport:
-    """What Logic.segment / Logic.propagate did to the scene."""
-
-    segmentationNode: Any
-    segmentId: str
-    segmentName: str
-    voxelCount: int
-    volumeMl: float
-    seconds: float
-    slices: list[int] = field(default_factory=list)
-    warnings: list[str] = field(default_factory=list)
-    review: list[dict] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-
-    def summary(self) -> str:
-        text = f"'{self.segmentName}': {self.volumeMl:.1f} ml on {len(self.slices)} slices ({self.seconds:.1f} s)"
-        if self.review:
-            text += f"; {len(self.review)} slices to review"
-        return text + "".join(f"\n{n}" for n in self.notes) + "".join(f"\nWarning: {w}" for w in self.warnings)
-
-
 class PolyCLSlicerLogic(ScriptedLoadableModuleLogic):
     """All computation, callable without the GUI (Slicer app, ``Slicer --no-main-window`` or slicer-core).
 
