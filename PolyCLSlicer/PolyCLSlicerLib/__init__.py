@@ -7,5 +7,7 @@
 - ``undo``: create-then-rollback of the Logic's ``apply`` steps.
 - ``sample_data``, ``selftest``: the Sample Data entry and the module's self-test steps.
 - ``gui_connectors``: (app only) a ``str`` file parameter in a ``ctkPathLineEdit``.
+- ``scene_helpers``: the Logic's job-less helpers (liver segment lookup, training pairs, review rows, file I/O).
+- ``parameters``, ``report``, ``headless``: panel enums and path helpers, SegmentReport, slicer-core stand-ins.
 - ``core``: what the Slicer side reads from checkpoints without torch (model card, starter path).
 """
