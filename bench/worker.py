@@ -77,12 +77,12 @@ def handover_steps(client: WorkerClient, array: np.ndarray, matrix: np.ndarray, 
     job round trip (a job the worker refuses at once: its input does not exist)."""
     from PolyCLSlicerLib.tasks import JobOutput
 
-    from polycl.io import write_mask, write_volume
+    from polycl.io import write_volume
 
     times = {}
     for name, step in (("write volume", lambda: write_volume(folder / "v.nrrd", array, matrix, compress=False)),
                        ("read volume", lambda: read_volume(folder / "v.nrrd")),
-                       ("write mask", lambda: write_mask(folder / "m.nrrd", mask, matrix, compress=False)),
+                       ("write mask", lambda: write_volume(folder / "m.nrrd", mask, matrix, compress=False)),
                        ("read mask", lambda: JobOutput({"mask": folder / "m.nrrd"}, {}).mask())):
         started, cpu = time.perf_counter(), time.process_time()
         step()

@@ -32,6 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+import numpy as np
+
 from .progress import Cancelled
 
 TASKS = ("segment", "refine", "propagate", "finetune", "suggest")
@@ -238,13 +240,16 @@ def read_grid_mask(job: Job, name: str, volume: Any, required: bool = True) -> A
 
 
 def write_masks(job: Job, masks: dict[str, Any], matrix: Any) -> dict[str, str]:
-    """Write each requested mask atomically (uncompressed: a hand-over file); returns their paths."""
-    from .io import write_mask
+    """Write each requested mask atomically (uncompressed: a hand-over file); returns their paths.
+
+    The pipeline's masks are uint8 0/1 already: written as they are, without write_mask's copies."""
+    from .io import write_volume
 
     paths = {name: output_path(job, name) for name in masks if name in job.outputs}
     if not paths:
         raise JobError(f"{job.task}: no output named; expected one of {', '.join(masks)}")
-    return {name: str(write_mask(path, masks[name], matrix, compress=False)) for name, path in paths.items()}
+    return {name: str(write_volume(path, np.asarray(masks[name], np.uint8), matrix, compress=False))
+            for name, path in paths.items()}
 
 
 REFINE_OPTIONS = {"refiner": "litemedsam", "refiner_checkpoint": None, "sam_model": "vit_b", "sam2_config": None,
