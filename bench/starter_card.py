@@ -40,6 +40,8 @@ def main() -> int:
     parser.add_argument("--loo", type=Path, help="bench/starter_loo.py output")
     parser.add_argument("--plausibility", type=Path, help="bench/starter_plausibility.py output")
     parser.add_argument("--minutes", type=float, required=True, help="training wall-clock minutes")
+    parser.add_argument("--earlier-stage", action="append", default=[],
+                        help="command of an earlier training stage (its checkpoint was --init), oldest first")
     parser.add_argument("-o", "--output", type=Path, default=STARTER)
     args = parser.parse_args()
     data = data_root(args.data)
@@ -55,6 +57,8 @@ def main() -> int:
                             "labelled scans (one extended by a pseudo-labelled liver tip and its liver-free slices) "
                             "and liver-free chest slices of 3 more CTs; finetune on your own data before relying "
                             "on it. Not for clinical use.")
+    if args.earlier_stage:
+        card["recipe"]["earlier_stages"] = args.earlier_stage
     card["recipe"]["hardware"] = f"2 shared CPU cores (AMD EPYC), {args.minutes:.0f} min"
     card["metrics"]["training_set_dice_3d"] = fit
     card["metrics"]["leave_one_case_out"] = [
