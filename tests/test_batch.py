@@ -65,7 +65,9 @@ def test_batch_processes_good_files_and_reports_bad_ones(batch_folder, batch_che
     assert "FAILED" in lines["c_corrupt.nii.gz"] and "not a readable" in lines["c_corrupt.nii.gz"]
     assert "FAILED" in lines["d_flat.nrrd"] and "empty" in lines["d_flat.nrrd"]
     assert sorted(p.name for p in out.iterdir()) == ["a_dcmqi.seg.nrrd", "a_dcmqi_liver.nii.gz",
-                                                     "b_oblique.seg.nrrd", "b_oblique_liver.nii.gz"]
+                                                     "b_oblique.seg.nrrd", "b_oblique_liver.nii.gz", "summary.csv"]
+    summary = (out / "summary.csv").read_text()
+    assert all(name in summary for name in lines) and summary.count("FAILED") == 2
     for stem, source in (("a_dcmqi", "a_dcmqi.nii.gz"), ("b_oblique", "b_oblique.nrrd")):
         ct = read_volume(batch_folder / source)
         seg = slicerio.read_segmentation(str(out / f"{stem}.seg.nrrd"))
