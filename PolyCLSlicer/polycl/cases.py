@@ -8,7 +8,7 @@ their CT files (label files skipped) or, when they hold DICOM files, to one DICO
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
@@ -66,43 +66,42 @@ def is_dicom_folder(path: Path) -> bool:
     return any(_is_dicom_file(p) for p in files)
 
 
-def find_volumes(paths: Iterable[str | os.PathLike]) -> list[Path]:
-    """Expand files and folders into CT volumes (volume files except label files; DICOM folders)."""
+def _expand(paths: Iterable[str | os.PathLike], from_folder: Callable[[Path], list[Path]], what: str) -> list[Path]:
+    """Files as given, folders through ``from_folder``; resolved, without repeats; an error when none is found."""
     paths = list(paths)
     found: list[Path] = []
     for raw in paths:
         path = Path(raw)
         if not path.exists():
             raise CaseDiscoveryError(f"{path}: no such file or folder")
-        if path.is_file():
-            found.append(path)
-            continue
-        files = sorted(p for p in path.iterdir() if is_volume_file(p) and not is_label_file(p))
-        if files:
-            found.extend(files)
-        elif is_dicom_folder(path):
-            found.append(path)
-        else:
-            found.extend(sorted(p for p in path.iterdir() if is_dicom_folder(p)))
+        found.extend([path] if path.is_file() else from_folder(path))
     unique = list(dict.fromkeys(p.resolve() for p in found))
     if not unique:
-        raise CaseDiscoveryError(f"no CT volumes found in {', '.join(str(p) for p in paths)}")
+        raise CaseDiscoveryError(f"no {what} found in {', '.join(str(p) for p in paths)}")
     return unique
+
+
+def _ct_volumes_in(folder: Path) -> list[Path]:
+    """A folder's volume files except label files; else the folder itself or its subfolders as DICOM series."""
+    files = sorted(p for p in folder.iterdir() if is_volume_file(p) and not is_label_file(p))
+    if files:
+        return files
+    if is_dicom_folder(folder):
+        return [folder]
+    return sorted(p for p in folder.iterdir() if is_dicom_folder(p))
+
+
+def _label_volumes_in(folder: Path) -> list[Path]:
+    """A folder's label files, or all its volume files if none is marked as a label."""
+    volumes = sorted(p for p in folder.iterdir() if is_volume_file(p) or p.name.lower().endswith(".seg.nrrd"))
+    return [p for p in volumes if is_label_file(p)] or volumes
+
+
+def find_volumes(paths: Iterable[str | os.PathLike]) -> list[Path]:
+    """Expand files and folders into CT volumes (volume files except label files; DICOM folders)."""
+    return _expand(paths, _ct_volumes_in, "CT volumes")
 
 
 def find_label_files(paths: Iterable[str | os.PathLike]) -> list[Path]:
     """Label volumes: files as given; a folder gives its label files, or all its volume files if none is marked."""
-    found: list[Path] = []
-    for raw in paths:
-        path = Path(raw)
-        if not path.exists():
-            raise CaseDiscoveryError(f"{path}: no such file or folder")
-        if path.is_file():
-            found.append(path)
-            continue
-        volumes = sorted(p for p in path.iterdir() if is_volume_file(p) or p.name.lower().endswith(".seg.nrrd"))
-        labels = [p for p in volumes if is_label_file(p)]
-        found.extend(labels or volumes)
-    if not found:
-        raise CaseDiscoveryError(f"no label volumes found in {', '.join(str(p) for p in paths)}")
-    return list(dict.fromkeys(p.resolve() for p in found))
+    return _expand(paths, _label_volumes_in, "label volumes")
