@@ -6,7 +6,8 @@ For each labelled case: ``bench/train_starter.py --exclude CASE`` (the recipe of
 without that case and without any other scan of the same patient), then segment the held-out case
 and report 3D Dice, HD and HD95 (mm) against its mask.  ``--recipe labelled`` is the previous
 starter's data (the three labelled cases only).  ``--jobs`` trains the folds in parallel processes.
-Other options go to ``train_starter.py``, e.g. ``--architecture transunet`` for the TransUNet row.
+``--init-folds`` chains stages: each fold starts from the earlier stage's fold of the same held-out case,
+so a warm-started recipe stays leave-one-case-out.  Other options go to ``train_starter.py``, e.g. ``--architecture transunet`` for the TransUNet row.
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ def train_folds(args: argparse.Namespace, extra: list[str]) -> dict[str, float]:
                        "--exclude", case, "-o", str(args.out / f"without_{case}.safetensors"), *extra]
             if args.pseudo:
                 command += ["--pseudo", str(args.pseudo)]
+            if args.init_folds:
+                command += ["--init", str(args.init_folds / f"without_{case}.safetensors")]
             log = open(args.out / f"without_{case}.log", "w")  # noqa: SIM115  (closed with the process)
             running[case] = (subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT), log)
             started[case] = time.perf_counter()
@@ -58,6 +61,9 @@ def main() -> int:
     parser.add_argument("--recipe", default="pseudo", choices=["labelled", "negatives", "pseudo"])
     parser.add_argument("--pseudo", type=Path, help="bench/pseudo_labels.py output (recipe pseudo)")
     parser.add_argument("--jobs", type=int, default=1)
+    parser.add_argument("--init-folds", type=Path,
+                        help="warm-start each fold from DIR/without_CASE.safetensors (an earlier --out: the "
+                             "previous stage's fold that never saw CASE)")
     parser.add_argument("--out", type=Path, default=Path(tempfile.mkdtemp(prefix="polycl-loo-")))
     args, extra = parser.parse_known_args()  # anything else goes to bench/train_starter.py
     labeled = data_root(args.data) / "labeled"
