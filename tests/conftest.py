@@ -59,6 +59,49 @@ def oblique_matrix(spacing=(0.8, 1.1, 2.5), angles=(0.3, -0.2, 0.15), origin=(-1
     return matrix
 
 
+@pytest.fixture()
+def scene():
+    """A new MRML scene (slicer-core; the test is skipped where it is not installed)."""
+    pytest.importorskip("slicer", reason="slicer-core is not installed")
+    from PolyCLSlicerLib import mrml
+
+    return mrml.new_scene()
+
+
+@pytest.fixture(scope="session")
+def logic():
+    """One PolyCLSlicerLogic with its own worker (one torch thread, like this process): the model stays warm."""
+    pytest.importorskip("slicer", reason="slicer-core is not installed")
+    from PolyCLSlicerLib.worker_client import WorkerClient
+
+    import PolyCLSlicer
+
+    logic = PolyCLSlicer.PolyCLSlicerLogic()
+    logic.worker = WorkerClient(threads=1)
+    yield logic
+    logic.worker.stop()
+
+
+def closed_surface_segmentation(scene, volume, center=(0.0, 0.0, 0.0), radius: float = 5.0, resolution: int = 8):
+    """A segmentation node whose source representation is closed surface (a user's surface-based segmentation),
+    with one sphere segment 'Liver'; returns (node, segment id)."""
+    import slicer
+    import vtk
+
+    node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "surfaces")
+    node.CreateDefaultDisplayNodes()
+    node.SetReferenceImageGeometryParameterFromVolumeNode(volume)
+    node.GetSegmentation().SetSourceRepresentationName(
+        slicer.vtkSegmentationConverter.GetClosedSurfaceRepresentationName())
+    sphere = vtk.vtkSphereSource()
+    sphere.SetCenter(*center)
+    sphere.SetRadius(radius)
+    sphere.SetPhiResolution(resolution)
+    sphere.SetThetaResolution(resolution)
+    sphere.Update()
+    return node, node.AddSegmentFromClosedSurfaceRepresentation(sphere.GetOutput(), "Liver", [0.2, 0.4, 0.9])
+
+
 @pytest.fixture(scope="module")
 def single_torch_thread():
     """Small volumes: one thread is fastest and avoids spinning OpenMP threads on a shared 2-core machine."""

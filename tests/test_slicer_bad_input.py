@@ -7,32 +7,18 @@ given as the CT, an output segmentation stored as closed surfaces, and a truncat
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "PolyCLSlicer"))
 slicer = pytest.importorskip("slicer", reason="slicer-core is not installed")
 import vtk  # noqa: E402
 from PolyCLSlicerLib import mrml  # noqa: E402
 
 import PolyCLSlicer as module  # noqa: E402
+from conftest import closed_surface_segmentation  # noqa: E402
 from polycl.io import VolumeReadError, write_volume  # noqa: E402
 
 SHAPE = (40, 36, 8)
-
-
-@pytest.fixture()
-def scene():
-    return mrml.new_scene()
-
-
-@pytest.fixture()
-def logic():
-    return module.PolyCLSlicerLogic()
 
 
 def ct_array() -> np.ndarray:
@@ -56,36 +42,28 @@ def under_transform(scene):
     return volume, None, "harden the transform"
 
 
-def vector_volume(scene):
-    node = scene.AddNewNodeByClass("vtkMRMLVectorVolumeNode", "rgb")
+def uint8_volume_node(scene, class_name: str, name: str, components: int):
+    """A volume node of ``class_name`` holding an empty SHAPE image with ``components`` uint8 components."""
+    node = scene.AddNewNodeByClass(class_name, name)
     image = vtk.vtkImageData()
     image.SetDimensions(*SHAPE)
-    image.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, 3)
+    image.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, components)
     node.SetAndObserveImageData(image)
     node.SetIJKToRASMatrix(mrml.array_to_matrix(matrix()))
-    return node, None, "3 components"
+    return node
+
+
+def vector_volume(scene):
+    return uint8_volume_node(scene, "vtkMRMLVectorVolumeNode", "rgb", 3), None, "3 components"
 
 
 def labelmap_as_ct(scene):
-    node = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "liver label")
-    image = vtk.vtkImageData()
-    image.SetDimensions(*SHAPE)
-    image.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, 1)
-    node.SetAndObserveImageData(image)
-    node.SetIJKToRASMatrix(mrml.array_to_matrix(matrix()))
-    return node, None, "is a labelmap"
+    return uint8_volume_node(scene, "vtkMRMLLabelMapVolumeNode", "liver label", 1), None, "is a labelmap"
 
 
 def closed_surface_output(scene):
     volume = mrml.add_volume_node(scene, ct_array(), matrix(), "ct")
-    node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "surfaces")
-    node.SetReferenceImageGeometryParameterFromVolumeNode(volume)
-    node.GetSegmentation().SetSourceRepresentationName(
-        slicer.vtkSegmentationConverter.GetClosedSurfaceRepresentationName())
-    sphere = vtk.vtkSphereSource()
-    sphere.SetRadius(5.0)
-    sphere.Update()
-    node.AddSegmentFromClosedSurfaceRepresentation(sphere.GetOutput(), "Liver", [0.2, 0.4, 0.9])
+    node, _ = closed_surface_segmentation(scene, volume)
     return volume, node, "stores its segments as closed surface"
 
 

@@ -24,9 +24,7 @@ slicer = pytest.importorskip("slicer", reason="slicer-core is not installed (pip
 import vtk  # noqa: E402
 from PolyCLSlicerLib import core, mrml  # noqa: E402
 from PolyCLSlicerLib.tasks import TaskRunner  # noqa: E402
-from PolyCLSlicerLib.worker_client import WorkerClient  # noqa: E402
 
-import PolyCLSlicer as module  # noqa: E402
 from conftest import oblique_matrix  # noqa: E402
 
 CASES = ("totalseg_sm", "totalseg_dcm", "dcmqi_3slice", "totalseg_sm:flipped", "totalseg_sm:oblique")
@@ -93,20 +91,6 @@ def tiny_checkpoint(path: Path) -> Path:
     args = {"channels": [4, 8, 16, 32, 64], "dropout": 0.0}
     model = build_model("polycl_unet", **args)
     return save_model(path, model, default_card("polycl_unet", args, input_size=32))
-
-
-@pytest.fixture(scope="session")
-def logic():
-    """One Logic and one worker (one torch thread, like this process): the model stays warm across tests."""
-    logic = module.PolyCLSlicerLogic()
-    logic.worker = WorkerClient(threads=1)
-    yield logic
-    logic.worker.stop()
-
-
-@pytest.fixture()
-def scene():
-    return mrml.new_scene()
 
 
 def export_on_volume_grid(segmentation, segment_id: str, volume) -> np.ndarray:

@@ -17,20 +17,9 @@ sys.path.insert(0, str(ROOT / "PolyCLSlicer"))
 
 slicer = pytest.importorskip("slicer", reason="slicer-core is not installed (pip install 'slicer-core==5.11.0.*')")
 from PolyCLSlicerLib import mrml  # noqa: E402
-from PolyCLSlicerLib.worker_client import WorkerClient  # noqa: E402
-
-import PolyCLSlicer as module  # noqa: E402
 
 K0, K1 = 8, 20
 PAINTED = (1, 5, 9)  # array slices of the crop painted by the "user"
-
-
-@pytest.fixture(scope="module")
-def logic():
-    logic = module.PolyCLSlicerLogic()
-    logic.worker = WorkerClient(threads=1)
-    yield logic
-    logic.worker.stop()
 
 
 @pytest.fixture()

@@ -6,26 +6,15 @@ cannot take a labelmap, which is what a user's surface-based segmentation does t
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "PolyCLSlicer"))
 slicer = pytest.importorskip("slicer", reason="slicer-core is not installed")
-import vtk  # noqa: E402
 from PolyCLSlicerLib import mrml, undo  # noqa: E402
 
-from conftest import oblique_matrix  # noqa: E402
+from conftest import closed_surface_segmentation, oblique_matrix  # noqa: E402
 
 SHAPE = (40, 36, 20)
-
-
-@pytest.fixture()
-def scene():
-    return mrml.new_scene()
 
 
 @pytest.fixture()
@@ -39,20 +28,8 @@ def sphere_center(volume) -> np.ndarray:
 
 
 def surface_segmentation(scene, volume, radius: float = 15.0):
-    """A segmentation whose source representation is closed surface, with one sphere segment 'Liver'."""
-    node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "surfaces")
-    node.CreateDefaultDisplayNodes()
-    node.SetReferenceImageGeometryParameterFromVolumeNode(volume)
-    node.GetSegmentation().SetSourceRepresentationName(
-        slicer.vtkSegmentationConverter.GetClosedSurfaceRepresentationName())
-    sphere = vtk.vtkSphereSource()
-    sphere.SetCenter(*sphere_center(volume)[:3])
-    sphere.SetRadius(radius)
-    sphere.SetPhiResolution(40)
-    sphere.SetThetaResolution(40)
-    sphere.Update()
-    segment_id = node.AddSegmentFromClosedSurfaceRepresentation(sphere.GetOutput(), "Liver", [0.2, 0.4, 0.9])
-    return node, segment_id
+    """A closed-surface segmentation with a smooth sphere 'Liver' in the middle of the volume."""
+    return closed_surface_segmentation(scene, volume, sphere_center(volume)[:3], radius, resolution=40)
 
 
 def state(node, volume) -> dict:

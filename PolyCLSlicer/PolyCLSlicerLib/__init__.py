@@ -7,7 +7,10 @@
 - ``undo``: create-then-rollback of the Logic's ``apply`` steps.
 - ``sample_data``, ``selftest``: the Sample Data entry and the module's self-test steps.
 - ``gui_connectors``: (app only) a ``str`` file parameter in a ``ctkPathLineEdit``.
+- ``segmentation_tasks``, ``loop_tasks``: the Logic's task builders and their synchronous forms (segment /
+  refine / propagate; finetune / finetuneSliceChoice / suggestSlice).
 - ``scene_helpers``: the Logic's job-less helpers (liver segment lookup, training pairs, review rows, file I/O).
+- ``panel_jobs``: (app only, no Qt import) the Widget's one running job: Cancel / Stop button, polling, results.
 - ``parameters``, ``report``, ``headless``: panel enums and path helpers, SegmentReport, slicer-core stand-ins.
 - ``core``: what the Slicer side reads from checkpoints without torch (model card, starter path).
 """

@@ -21,12 +21,21 @@ from . import mrml
 class SceneHelpers:
     """Stateless helpers on MRML nodes and files (no worker job, main thread)."""
 
-    def annotationSegment(self, segmentationNode: vtkMRMLSegmentationNode) -> str:
-        """A new empty 'Liver annotation' segment for painting one slice (liver terminology)."""
-        name = mrml.unique_segment_name(segmentationNode, "Liver annotation")
-        segmentId = segmentationNode.GetSegmentation().AddEmptySegment("", name)
+    @staticmethod
+    def newLiverSegment(segmentationNode: vtkMRMLSegmentationNode, name: str) -> str:
+        """A new empty segment ``name`` (made unique) with the liver terminology."""
+        uniqueName = mrml.unique_segment_name(segmentationNode, name)
+        segmentId = segmentationNode.GetSegmentation().AddEmptySegment("", uniqueName)
         mrml.set_liver_terminology(segmentationNode.GetSegmentation().GetSegment(segmentId))
         return segmentId
+
+    def annotationSegment(self, segmentationNode: vtkMRMLSegmentationNode) -> str:
+        """A new empty 'Liver annotation' segment for painting one slice (liver terminology)."""
+        return self.newLiverSegment(segmentationNode, "Liver annotation")
+
+    def paintSegment(self, segmentationNode: vtkMRMLSegmentationNode) -> str:
+        """The segment a finetune trains on (the liver segment), created as 'Liver' when there is none."""
+        return self.liverSegmentId(segmentationNode) or self.newLiverSegment(segmentationNode, mrml.LIVER_SEGMENT_NAME)
 
     def middleSlicePosition(
         self,
