@@ -21,6 +21,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from .context import card_problem, channel_hint
 from .io import atomic_write
 from .models import SegmentationNet, build_model, check_input_size, convert_reference_state_dict
 
@@ -87,6 +88,10 @@ def validate_card(card: dict) -> None:
         isinstance(window.get(key), (int, float)) and math.isfinite(window[key]) for key in ("center", "width")
     ) or window["width"] <= 0:
         raise CheckpointError(f"model card: window {window!r} needs a finite center and a positive width (HU)")
+    for key in ("input_channels", "context_slices"):  # absent: one slice, one channel (2D checkpoints)
+        value = card.get(key, 1)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise CheckpointError(f"model card: {key} {value!r} must be a positive integer")
 
 
 def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
@@ -165,14 +170,14 @@ def _foreign_file_hint(path: Path) -> str:
 def build_from_card(card: dict) -> SegmentationNet:
     try:
         return build_model(card["architecture"], **card["architecture_args"])
-    except (KeyError, TypeError) as error:
+    except (KeyError, TypeError, ValueError) as error:
         raise CheckpointError(f"model card describes an unbuildable architecture: {error}") from None
 
 
 def _mismatch_hint(module: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> str:
     """' (depth 12 in the file, 4 here)' for networks that can tell which size argument differs (TransUNet)."""
     explain = getattr(module, "explain_mismatch", None)
-    hint = explain(tensors) if explain is not None else ""
+    hint = explain(tensors) if explain is not None else channel_hint(module, tensors)
     return f" ({hint})" if hint else ""
 
 
@@ -212,6 +217,9 @@ def load_checkpoint(path: str | os.PathLike | None = None, kind: str | None = "s
         raise CheckpointError(f"{path}: weights missing for {missing[:5]}{_mismatch_hint(model, tensors)}")
     if card["kind"] != "segmentation" and any(k.startswith("encoder.") for k in missing):
         raise CheckpointError(f"{path}: encoder weights missing for {missing[:5]}{_mismatch_hint(model, tensors)}")
+    problem = card_problem(card, model)
+    if problem:
+        raise CheckpointError(f"{path}: {problem}")
     model.eval()
     return model, card
 

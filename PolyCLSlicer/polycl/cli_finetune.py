@@ -71,15 +71,35 @@ def _config_from_args(args: argparse.Namespace):
     for name, value in recipe_defaults(args.slices).items():
         if getattr(args, name) is None:
             setattr(args, name, value)
+    architecture_args = {} if args.dropout is None else {"dropout": args.dropout}
+    if args.context_slices is not None:
+        architecture_args["context_slices"] = args.context_slices
     config = FinetuneConfig(
-        architecture=args.architecture, architecture_args={} if args.dropout is None else {"dropout": args.dropout},
+        architecture=args.architecture, architecture_args=architecture_args,
         input_size=args.size, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
         val_fraction=args.val_fraction, middle_fraction=args.middle_fraction, augment=not args.no_augment,
         seed=args.seed, device=args.device, slices=args.slices, empty_slices=list(args.empty_slices or []))
     try:
-        return resolve_config(config, args.init)[0]  # the size note is warned by finetune() itself
+        config = resolve_config(config, args.init)[0]  # the size note is warned by finetune() itself
     except ValueError as error:
         raise ValueError(str(error).replace("input size", "--size", 1)) from None
+    check_context_option(config)
+    return config
+
+
+def check_context_option(config) -> None:
+    """--context-slices only for polycl_unet25d, and a valid count, before any data is read."""
+    from .context import DEFAULT_CONTEXT_SLICES, check_context_slices
+
+    count = config.architecture_args.get("context_slices")
+    if config.architecture != "polycl_unet25d":
+        if count is not None:
+            raise ValueError(f"--context-slices applies to --architecture polycl_unet25d, not {config.architecture}")
+        return
+    try:
+        check_context_slices(DEFAULT_CONTEXT_SLICES if count is None else count)
+    except ValueError as error:
+        raise ValueError(str(error).replace("context_slices", "--context-slices", 1)) from None
 
 
 def _read_pairs(pairs: list[tuple[Path, Path]], allow_non_ct: bool) -> list:
@@ -177,8 +197,12 @@ def add_finetune_command(subparsers: argparse._SubParsersAction) -> argparse.Arg
     parser.add_argument("-o", "--output", required=True, help="output checkpoint (.safetensors)")
     parser.add_argument("--init", help="initial checkpoint: pretrained encoder, a segmentation model, or 'starter' "
                         "(the bundled model); default: random initialisation")
-    parser.add_argument("--architecture", choices=["polycl_unet", "resunet", "transunet"],
-                        help="network (default: the --init checkpoint's, else polycl_unet)")
+    parser.add_argument("--architecture", choices=["polycl_unet", "resunet", "transunet", "polycl_unet25d"],
+                        help="network (default: the --init checkpoint's, else polycl_unet); polycl_unet25d: 2.5D, "
+                             "adjacent axial slices as input channels")
+    parser.add_argument("--context-slices", type=int, metavar="K",
+                        help="polycl_unet25d: adjacent axial slices per input, odd, centre predicted (default: 3 = "
+                             "below, centre, above; or the --init checkpoint's)")
     parser.add_argument("--epochs", type=int, help="training epochs (default: 100; 10 with --slices annotated)")
     parser.add_argument("--batch-size", type=int, help="slices per batch (default: 10; 8 with --slices annotated)")
     parser.add_argument("--lr", type=float, help="Adam learning rate (default: 1e-3; 1e-4 with --slices annotated)")

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from . import __version__
 from .checkpoints import default_card, load_pretrained_init, read_checkpoint, save_model
+from .context import card_fields, context_slices, stack_context
 from .devices import configure_precision, place, resolve_device
 from .io import Volume, check_same_grid
 from .models import build_model, check_input_size
@@ -93,8 +94,10 @@ def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1
 
 
 def slices_from_pairs(pairs: list[tuple[Volume, Volume]], size: int, middle_fraction: float | None = None,
-                      keep: list[list[int]] | None = None) -> SliceSet:
-    """Canonical, windowed, resized slices of every (CT, mask) pair (only canonical slices ``keep[scan]``)."""
+                      keep: list[list[int]] | None = None, context: int = 1) -> SliceSet:
+    """Canonical, windowed, resized slices of every (CT, mask) pair (only canonical slices ``keep[scan]``);
+    with ``context`` > 1 each image holds its adjacent CT slices as channels (``polycl.context``), taken from
+    the whole CT even where they are not kept themselves."""
     images, masks, scan_ids = [], [], []
     for scan, (ct, label) in enumerate(pairs):
         for note in validate_ct(ct.array, ct.source or f"scan {scan}"):
@@ -103,16 +106,16 @@ def slices_from_pairs(pairs: list[tuple[Volume, Volume]], size: int, middle_frac
         orientation = CanonicalOrientation.from_matrix(ct.ijk_to_ras)
         ct_slices = orientation.to_canonical(ct.array)
         label_slices = orientation.to_canonical(label.array) > 0
+        rows = np.arange(len(ct_slices))
         if middle_fraction:
-            middle = middle_slices(len(ct_slices), middle_fraction)
-            ct_slices, label_slices = ct_slices[middle], label_slices[middle]
+            rows = rows[middle_slices(len(ct_slices), middle_fraction)]
         if keep is not None:
-            ct_slices, label_slices = ct_slices[keep[scan]], label_slices[keep[scan]]
-        image = window(torch.from_numpy(np.ascontiguousarray(ct_slices, np.float32))[:, None])
-        mask = torch.from_numpy(np.ascontiguousarray(label_slices, np.float32))[:, None]
+            rows = rows[keep[scan]]
+        image = window(torch.from_numpy(stack_context(ct_slices, rows, context).astype(np.float32)))
+        mask = torch.from_numpy(np.ascontiguousarray(label_slices[rows], np.float32))[:, None]
         images.append(resize_slices(image, size))
         masks.append((resize_slices(mask, size, mode="nearest") > 0.5).float())
-        scan_ids.append(np.full(len(ct_slices), scan))
+        scan_ids.append(np.full(len(rows), scan))
     return SliceSet(torch.cat(images), torch.cat(masks), np.concatenate(scan_ids))
 
 
@@ -225,14 +228,14 @@ def finetune(pairs: list[tuple[Volume, Volume]], output: str | os.PathLike, conf
         from .sparse import repeats_per_epoch
         from .sparse_training import sparse_training_sets
 
-        train, val, slice_card = sparse_training_sets(pairs, config, device)
+        train, val, slice_card = sparse_training_sets(pairs, config, device, context_slices(model))
         train_scans, val_scans, repeats = list(range(len(pairs))), [], repeats_per_epoch(len(train.images))
     elif config.slices != "all":
         raise ValueError(f"unknown slice mode {config.slices!r}; use 'all' or 'annotated'")
     elif config.empty_slices:
         raise ValueError("empty slices only apply to sparse finetuning (slices='annotated')")
     else:
-        data = slices_from_pairs(pairs, config.input_size, config.middle_fraction)
+        data = slices_from_pairs(pairs, config.input_size, config.middle_fraction, context=context_slices(model))
         train_scans, val_scans = split_scans(len(pairs), config.val_fraction, config.seed)
         train, val = _subset(data, train_scans, device), _subset(data, val_scans, device)
     batches = num_batches(len(train.images) * repeats, config.batch_size)
@@ -276,7 +279,7 @@ def finetune(pairs: list[tuple[Volume, Volume]], output: str | os.PathLike, conf
                       "keeps the initial weights (paint more slices or lower the learning rate)", stacklevel=2)
     card = default_card(
         config.architecture, config.architecture_args, config.input_size, kind="segmentation",
-        polycl_version=__version__,
+        polycl_version=__version__, **card_fields(model),
         recipe={**asdict(config), "optimizer": "Adam",
                 "loss": f"soft Dice + {config.bce_weight:g} x BCE" if config.bce_weight else "soft Dice",
                 "scheduler": f"CosineAnnealingWarmRestarts(T_0={config.restart_epochs} epochs, per batch)",

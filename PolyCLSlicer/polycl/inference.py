@@ -11,6 +11,7 @@ import torch
 from scipy import ndimage
 
 from .checkpoints import load_checkpoint
+from .context import context_batch, context_slices
 from .devices import autocast_context, configure_precision, place, resolve_device
 from .models import SegmentationNet
 from .preprocessing import CanonicalOrientation, resize_slices, validate_ct, window
@@ -47,6 +48,7 @@ class Segmenter:
         self.card = card
         self.input_size = int(card["input_size"])
         self.window = card.get("window", {"center": 40.0, "width": 400.0})
+        self.context_slices = context_slices(model)  # 1, or k adjacent axial slices as channels (2.5D)
 
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike | None = None, device: str = "auto",
@@ -62,15 +64,16 @@ class Segmenter:
 
     def predict_slices(self, slices: np.ndarray, batch_size: int | None = None, progress: ProgressFn = no_progress,
                        cancel: CancelFlag | None = None) -> np.ndarray:
-        """Probabilities for canonical (N, H, W) HU slices, returned at (N, H, W)."""
+        """Probabilities for canonical (N, H, W) HU slices (inferior to superior: a 2.5D model's neighbours),
+        returned at (N, H, W)."""
         count, height, width = slices.shape
         batch_size = batch_size or self.default_batch_size
         out = np.empty((count, height, width), np.float32)
         with torch.inference_mode():
             for start in range(0, count, batch_size):
                 check_cancel(cancel, "segmentation")
-                batch = torch.from_numpy(np.ascontiguousarray(slices[start:start + batch_size]))
-                batch = window(batch.to(self.device)[:, None], self.window["center"], self.window["width"])
+                batch = torch.from_numpy(context_batch(slices, start, start + batch_size, self.context_slices))
+                batch = window(batch.to(self.device), self.window["center"], self.window["width"])
                 with autocast_context(self.device, self.precision):
                     logits = self.model(resize_slices(batch, self.input_size)).float()
                 logits = resize_slices(logits, (height, width))

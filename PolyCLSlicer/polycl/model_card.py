@@ -60,6 +60,10 @@ def describe_card(card: dict, path: str | Path, parameters: int) -> str:
         f"  input: axial slices resized to {card['input_size']} px, "
         f"window L{window.get('center')}/W{window.get('width')} HU",
     ]
+    context = card.get("context_slices", 1)
+    if context > 1:
+        lines.append(f"  2.5D: {context} adjacent axial slices as input channels (inferior to superior along the "
+                     f"patient axis, edge slice repeated at the ends); predicts the centre slice")
     if card.get("intended_use"):
         lines.append(f"  intended use: {card['intended_use']}")
     if data:

@@ -184,10 +184,18 @@ def build_transunet(**kwargs) -> SegmentationNet:
     return build(**kwargs)
 
 
+def build_polycl_unet25d(**kwargs) -> SegmentationNet:
+    """PolyCL U-Net fed k adjacent axial slices as channels (``polycl.context``; context_slices=3)."""
+    from .context import build_polycl_unet25d as build
+
+    return build(**kwargs)
+
+
 MODEL_BUILDERS: dict[str, Callable[..., SegmentationNet]] = {
     "polycl_unet": build_polycl_unet,
     "resunet": build_resunet,
     "transunet": build_transunet,
+    "polycl_unet25d": build_polycl_unet25d,
 }
 
 

@@ -52,9 +52,12 @@ def _rows(data: SliceSet, rows: list[int], device: torch.device) -> SliceSet:
     return SliceSet(data.images[index].to(device), data.masks[index].to(device), data.scan_ids[rows])
 
 
-def sparse_training_sets(pairs: Sequence[tuple[Volume, Volume]], config: FinetuneConfig, device: torch.device
-                         ) -> tuple[SliceSet, SliceSet, dict]:
-    """(training slices, validation slices, model-card description of which slices were used)."""
+def sparse_training_sets(pairs: Sequence[tuple[Volume, Volume]], config: FinetuneConfig, device: torch.device,
+                         context: int = 1) -> tuple[SliceSet, SliceSet, dict]:
+    """(training slices, validation slices, model-card description of which slices were used).
+
+    A 2.5D network (``context`` > 1) sees each painted slice with its CT neighbours as channels, painted
+    or not; the loss is only ever computed on the painted (and listed liver-free) slices."""
     if config.middle_fraction:
         raise ValueError("middle_fraction cannot be combined with sparse (annotated-slice) finetuning")
     plan = slice_plan(pairs, config)
@@ -64,7 +67,7 @@ def sparse_training_sets(pairs: Sequence[tuple[Volume, Volume]], config: Finetun
         chosen = scan["painted"] + scan["empty"] + scan["validation"]
         keep.append([canonical_index(orientation, ct.array.shape, k) for k in chosen])
         is_validation += [False] * (len(chosen) - len(scan["validation"])) + [True] * len(scan["validation"])
-    data = slices_from_pairs(list(pairs), config.input_size, keep=keep)
+    data = slices_from_pairs(list(pairs), config.input_size, keep=keep, context=context)
     train = [row for row, held in enumerate(is_validation) if not held]
     val = [row for row, held in enumerate(is_validation) if held]
     description = {"slice_mode": "annotated", "slice_numbering": "array index along each scan's axial axis",

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .context import context_batch
 from .devices import autocast_context
 from .inference import Segmenter
 from .preprocessing import CanonicalOrientation, resize_slices, validate_ct, window
@@ -74,8 +75,8 @@ def tta_probability(segmenter: Segmenter, canonical: np.ndarray, batch_size: int
     steps, done = len(TTA_PASSES) * math.ceil(count / batch_size), 0
     with torch.inference_mode():
         for start in range(0, count, batch_size):
-            batch = torch.from_numpy(np.ascontiguousarray(canonical[start:start + batch_size], np.float32))
-            batch = window(batch.to(segmenter.device)[:, None], segmenter.window["center"], segmenter.window["width"])
+            batch = torch.from_numpy(context_batch(canonical, start, start + batch_size, segmenter.context_slices))
+            batch = window(batch.to(segmenter.device), segmenter.window["center"], segmenter.window["width"])
             batch = resize_slices(batch, size)
             for zoom, degrees, gain in TTA_PASSES:
                 check_cancel(cancel, "slice suggestion")
