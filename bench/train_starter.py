@@ -118,7 +118,9 @@ def main() -> int:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--dropout", type=float, default=0.1)
-    parser.add_argument("--architecture", default="polycl_unet", choices=["polycl_unet", "resunet", "transunet"])
+    parser.add_argument("--architecture", default="polycl_unet",
+                        choices=["polycl_unet", "resunet", "transunet", "polycl_unet25d"])
+    parser.add_argument("--context-slices", type=int, default=3, help="polycl_unet25d: adjacent axial slices per input")
     parser.add_argument("--bce-weight", type=float, default=1.0, help="+ weight x pixel BCE (0: soft Dice only)")
     parser.add_argument("--init", type=Path, help="initial segmentation checkpoint (warm start)")
     parser.add_argument("--augment-intensity", type=float, default=0.05, help="offset range, window units")
@@ -131,10 +133,17 @@ def main() -> int:
     data = data_root(args.data)
     flags = json.loads((ROOT / "bench" / "presence_flags.json").read_text())
     print(machine(), flush=True)
+    if args.architecture == "polycl_unet25d" and args.recipe != "labelled":
+        raise SystemExit("polycl_unet25d needs whole, unstrided scans (its neighbours are the adjacent slices); the "
+                         f"{args.recipe!r} recipe trains on every {NEGATIVE_STRIDE}. / {WHOLE_SCAN_STRIDE}. slice of "
+                         "cropped ranges, so use --recipe labelled")
     pairs, notes = training_pairs(data, args.recipe, args.pseudo, args.exclude, flags, args.negative_stride)
     slices = sum(num_slices(ct) for ct, _ in pairs)
     print("\n".join(notes), f"\n{slices} slices", flush=True)
-    config = FinetuneConfig(architecture=args.architecture, architecture_args={"dropout": args.dropout},
+    architecture_args = {"dropout": args.dropout}
+    if args.architecture == "polycl_unet25d":
+        architecture_args["context_slices"] = args.context_slices
+    config = FinetuneConfig(architecture=args.architecture, architecture_args=architecture_args,
                             input_size=args.size, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                             restart_epochs=args.restart_epochs, val_fraction=0.0, seed=args.seed, device="cpu",
                             bce_weight=args.bce_weight, augment_intensity=args.augment_intensity,
