@@ -7,7 +7,8 @@ without that case and without any other scan of the same patient), then segment 
 and report 3D Dice, HD and HD95 (mm) against its mask.  ``--recipe labelled`` is the previous
 starter's data (the three labelled cases only).  ``--jobs`` trains the folds in parallel processes.
 ``--init-folds`` chains stages: each fold starts from the earlier stage's fold of the same held-out case,
-so a warm-started recipe stays leave-one-case-out.  Other options go to ``train_starter.py``, e.g. ``--architecture transunet`` for the TransUNet row.
+so a warm-started recipe stays leave-one-case-out; ``--resume`` keeps the folds an interrupted run
+finished.  Other options go to ``train_starter.py``, e.g. ``--architecture transunet`` for the TransUNet row.
 """
 
 from __future__ import annotations
@@ -28,13 +29,22 @@ from polycl.io import read_mask, read_volume  # noqa: E402
 from polycl.metrics import evaluate  # noqa: E402
 
 
-def train_folds(args: argparse.Namespace, extra: list[str]) -> dict[str, float]:
-    """Train one checkpoint per held-out case (``--jobs`` at a time); minutes per fold."""
+def fold_finished(out: Path, case: str) -> bool:
+    """True when an earlier run into ``out`` trained this fold to the end (its log says it wrote it)."""
+    log = out / f"without_{case}.log"
+    return (out / f"without_{case}.safetensors").is_file() and log.is_file() and "\nwrote " in log.read_text()
+
+
+def train_folds(args: argparse.Namespace, extra: list[str]) -> dict[str, float | str]:
+    """Train one checkpoint per held-out case (``--jobs`` at a time); minutes per fold ("reused" with --resume)."""
     started, minutes, running = {}, {}, {}
     pending = list(CASES)
     while pending or running:
         while pending and len(running) < args.jobs:
             case = pending.pop(0)
+            if args.resume and fold_finished(args.out, case):
+                minutes[case] = "reused"
+                continue
             command = [sys.executable, str(ROOT / "bench" / "train_starter.py"), "--recipe", args.recipe,
                        "--exclude", case, "-o", str(args.out / f"without_{case}.safetensors"), *extra]
             if args.pseudo:
@@ -61,6 +71,8 @@ def main() -> int:
     parser.add_argument("--recipe", default="pseudo", choices=["labelled", "negatives", "pseudo"])
     parser.add_argument("--pseudo", type=Path, help="bench/pseudo_labels.py output (recipe pseudo)")
     parser.add_argument("--jobs", type=int, default=1)
+    parser.add_argument("--resume", action="store_true",
+                        help="keep folds already trained into --out (an interrupted run) instead of retraining them")
     parser.add_argument("--init-folds", type=Path,
                         help="warm-start each fold from DIR/without_CASE.safetensors (an earlier --out: the "
                              "previous stage's fold that never saw CASE)")
