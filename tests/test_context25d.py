@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from conftest import oblique_matrix
-from polycl.checkpoints import CheckpointError, default_card, load_checkpoint, save_checkpoint
+from polycl.checkpoints import CheckpointError, default_card, load_checkpoint, load_pretrained_init, save_checkpoint
 from polycl.context import ContextSegmentationNet, card_fields, neighbour_indices, volume_context
 from polycl.finetuning import FinetuneConfig, finetune, slices_from_pairs
 from polycl.inference import Segmenter
@@ -227,3 +227,27 @@ def test_cli_finetune_and_info_with_the_25d_architecture(tmp_path, capsys, singl
     assert main(["info", str(output)]) == 0
     text = capsys.readouterr().out
     assert "architecture polycl_unet25d" in text and "2.5D: 5 adjacent axial slices" in text
+    widened = tmp_path / "from_starter.safetensors"  # the bundled 2D starter initialises a 2.5D model
+    assert main([*common[:5], "-o", str(widened), "--epochs", "1", "--val-fraction", "0", "--init", "starter",
+                 "--architecture", "polycl_unet25d"]) == 0
+    card = load_checkpoint(widened)[1]
+    starter = load_checkpoint(None)[1]
+    assert card["architecture_args"] == {**starter["architecture_args"]} and card["context_slices"] == 3
+    assert card["input_size"] == starter["input_size"]
+
+
+def test_a_single_slice_unet_initialises_a_25d_one_that_starts_with_the_same_output(tmp_path):
+    torch.manual_seed(0)
+    flat = build_model("polycl_unet", **SMALL).eval()
+    write(tmp_path / "2d.safetensors", flat, "polycl_unet", SMALL)
+    wide = build_model("polycl_unet25d", **SMALL, context_slices=5)
+    load_pretrained_init(wide, tmp_path / "2d.safetensors")
+    wide.eval()
+    stack = torch.rand(2, 5, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(wide(stack), flat(stack[:, 2:3]))
+        assert not torch.allclose(wide(stack), flat(stack[:, 0:1]))
+    other = build_model("resunet", channels=(8, 8, 16, 32, 64))  # other architectures still refused
+    write(tmp_path / "res.safetensors", other, "resunet", {"channels": (8, 8, 16, 32, 64)})
+    with pytest.raises(CheckpointError, match="does not match"):
+        load_pretrained_init(build_model("polycl_unet25d", **SMALL), tmp_path / "res.safetensors")

@@ -21,7 +21,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .context import card_problem, channel_hint
+from .context import card_problem, channel_hint, widen_single_slice_init
 from .io import atomic_write
 from .models import SegmentationNet, build_model, check_input_size, convert_reference_state_dict
 
@@ -228,9 +228,11 @@ def load_pretrained_init(model: SegmentationNet, path: str | os.PathLike) -> dic
     """Initialise ``model`` from a checkpoint: whole network if present, else the encoder only.
 
     Encoder checkpoints (PolyCL / SimCLR pretraining) replace only ``encoder.*``; segmentation or
-    whole-U-Net (Pix2Rep) checkpoints replace every weight.  Architectures must match.
+    whole-U-Net (Pix2Rep) checkpoints replace every weight.  Architectures must match, except that a
+    single-slice PolyCL U-Net initialises a 2.5D one (``context.widen_single_slice_init``).
     """
     tensors, card = read_checkpoint(path)
+    card, tensors = widen_single_slice_init(model, card, tensors)
     reference = build_from_card(card)
     sizes = getattr(model, "size_differences", None)  # TransUNet: heads differ without a shape change
     differences = sizes(reference) if sizes is not None else []

@@ -127,3 +127,21 @@ def channel_hint(model: nn.Module, tensors: dict) -> str:
         return ""
     return (f"the file's network takes {weight.shape[1]} input channels, the card's {conv.in_channels}: "
             "a single-slice card on a 2.5D checkpoint or the reverse")
+
+
+def widen_single_slice_init(model: nn.Module, card: dict, tensors: dict) -> tuple[dict, dict]:
+    """(card, tensors) for initialising a 2.5D U-Net from a single-slice PolyCL U-Net checkpoint.
+
+    The input convolution gets one weight slab per context slice: the checkpoint's on the centre
+    channel, zeros on the neighbours, so the new network starts out computing exactly what the 2D one
+    did and learns to use the neighbours in training.  Anything else is returned unchanged.
+    """
+    count = context_slices(model)
+    name = f"{first_conv(model)[0]}.weight"
+    weight = tensors.get(name)
+    if count == 1 or card.get("architecture") != "polycl_unet" or weight is None or weight.shape[1] != 1:
+        return card, tensors
+    widened = weight.new_zeros((weight.shape[0], count, *weight.shape[2:]))
+    widened[:, count // 2] = weight[:, 0]
+    args = {**card["architecture_args"], "context_slices": count}
+    return {**card, "architecture": "polycl_unet25d", "architecture_args": args}, {**tensors, name: widened}

@@ -127,7 +127,8 @@ def resolve_config(config: FinetuneConfig, init: str | os.PathLike | None = None
     """
     card = read_checkpoint(init)[1] if init is not None else {}
     architecture = config.architecture or card.get("architecture", "polycl_unet")
-    args = dict(card.get("architecture_args", {})) if architecture == card.get("architecture") else {}
+    widening = (card.get("architecture"), architecture) == ("polycl_unet", "polycl_unet25d")  # see context.py
+    args = dict(card.get("architecture_args", {})) if architecture == card.get("architecture") or widening else {}
     size = check_input_size(int(card.get("input_size", 256)) if config.input_size is None else config.input_size)
     notes = []
     if card and size != card["input_size"]:
