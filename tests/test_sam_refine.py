@@ -278,8 +278,10 @@ def test_sam2_config_resolution_and_errors(tmp_path):
 
 
 def test_shared_refiner_keeps_models_and_caches_for_the_session(monkeypatch):
+    from polycl import sam_builders
+
     built = []
-    monkeypatch.setattr(sr, "build_refiner", lambda name, **kwargs: built.append(name) or BoxFiller())
+    monkeypatch.setattr(sam_builders, "build_refiner", lambda name, **kwargs: built.append(name) or BoxFiller())
     sr.clear_shared_refiners()
     first = sr.shared_refiner("litemedsam", device="cpu")
     assert sr.shared_refiner("litemedsam", device="cpu") is first and built == ["litemedsam"]
