@@ -72,11 +72,28 @@ def negative_pair(ct: Volume, first: int, last: int, stride: int = 1) -> tuple[V
     return crop, Volume(np.zeros(crop.array.shape, np.uint8), crop.ijk_to_ras, crop.source + " (no liver)")
 
 
+def strided_pair(ct: Volume, label: Volume | None, first: int, last: int, stride: int, context: bool
+                 ) -> tuple[tuple[Volume, Volume], list[int] | None]:
+    """(CT, mask) on canonical slices first..last, every ``stride``-th (label None: an all-zero mask), and the
+    slices to train on.  A 2.5D network (``context``) gets the whole scan and the slice list, so that its
+    neighbours stay the scan's adjacent slices; a 2D one the cropped volume (same training slices)."""
+    if not context:
+        pair = negative_pair(ct, first, last, stride) if label is None else (
+            canonical_volume(ct, first, last, stride), canonical_volume(label, first, last, stride))
+        return pair, None
+    whole = canonical_volume(ct)
+    mask = canonical_volume(label) if label is not None else Volume(
+        np.zeros(whole.array.shape, np.uint8), whole.ijk_to_ras, whole.source + " (no liver)")
+    return (whole, mask), list(range(first, last + 1, stride))
+
+
 def training_pairs(data: Path, recipe: str, pseudo: Path | None, exclude: str | None, flags: dict,
-                   negative_stride: int = NEGATIVE_STRIDE) -> tuple[list[tuple[Volume, Volume]], list[str]]:
-    """(CT, mask) pairs of one recipe and a one-line description of each."""
+                   negative_stride: int = NEGATIVE_STRIDE, context: bool = False
+                   ) -> tuple[list[tuple[Volume, Volume]], list[str], list[list[int]] | None]:
+    """(CT, mask) pairs of one recipe, a one-line description of each, and (2.5D) the canonical slices to
+    train on per pair (None: every slice of every pair)."""
     skip = {exclude, *SAME_PATIENT.get(exclude, ())} if exclude else set()
-    pairs, notes = [], []
+    pairs, notes, keep = [], [], []
     labelled = [case for case in LABELLED if case not in skip]
     if recipe == "pseudo" and pseudo is None:
         raise SystemExit("--recipe pseudo needs --pseudo DIR (bench/pseudo_labels.py output)")
@@ -85,24 +102,28 @@ def training_pairs(data: Path, recipe: str, pseudo: Path | None, exclude: str | 
     for case in labelled:
         ct = read_volume(data / "labeled" / f"{case}_ct.nii.gz")
         pairs.append((ct, read_mask(data / "labeled" / f"{case}_liver.nii.gz", ct)))
+        keep.append(list(range(num_slices(ct))))
         notes.append(f"{case}: labelled, {num_slices(ct)} slices")
     if recipe == "labelled":
-        return pairs, notes
+        return pairs, notes, keep if context else None
     for case, file in UNLABELLED_FILES.items():
         if case in skip:
             continue
         ct = read_volume(data / "unlabeled" / file)
         if recipe == "pseudo" and (pseudo / f"{case}_liver.nii.gz").is_file():
             label = read_mask(pseudo / f"{case}_liver.nii.gz", ct)
-            pairs.append((canonical_volume(ct, stride=WHOLE_SCAN_STRIDE),
-                          canonical_volume(label, stride=WHOLE_SCAN_STRIDE)))
+            pair, slices = strided_pair(ct, label, 0, num_slices(ct) - 1, WHOLE_SCAN_STRIDE, context)
+            pairs.append(pair)
+            keep.append(slices)
             notes.append(f"{case}: whole scan, pseudo-label, every {WHOLE_SCAN_STRIDE}. slice")
             continue
         for first, last in flags[case]["absent"]:
-            pairs.append(negative_pair(ct, first, last, negative_stride))
+            pair, slices = strided_pair(ct, None, first, last, negative_stride, context)
+            pairs.append(pair)
+            keep.append(slices)
             notes.append(f"{case}: canonical slices {first}-{last} (liver-free), every {negative_stride}. slice, "
                          "empty mask")
-    return pairs, notes
+    return pairs, notes, keep if context else None
 
 
 def main() -> int:
@@ -133,12 +154,10 @@ def main() -> int:
     data = data_root(args.data)
     flags = json.loads((ROOT / "bench" / "presence_flags.json").read_text())
     print(machine(), flush=True)
-    if args.architecture == "polycl_unet25d" and args.recipe != "labelled":
-        raise SystemExit("polycl_unet25d needs whole, unstrided scans (its neighbours are the adjacent slices); the "
-                         f"{args.recipe!r} recipe trains on every {NEGATIVE_STRIDE}. / {WHOLE_SCAN_STRIDE}. slice of "
-                         "cropped ranges, so use --recipe labelled")
-    pairs, notes = training_pairs(data, args.recipe, args.pseudo, args.exclude, flags, args.negative_stride)
-    slices = sum(num_slices(ct) for ct, _ in pairs)
+    context = args.architecture == "polycl_unet25d"
+    pairs, notes, keep = training_pairs(data, args.recipe, args.pseudo, args.exclude, flags, args.negative_stride,
+                                        context)
+    slices = sum(len(k) for k in keep) if keep else sum(num_slices(ct) for ct, _ in pairs)
     print("\n".join(notes), f"\n{slices} slices", flush=True)
     architecture_args = {"dropout": args.dropout}
     if args.architecture == "polycl_unet25d":
@@ -147,7 +166,7 @@ def main() -> int:
                             input_size=args.size, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                             restart_epochs=args.restart_epochs, val_fraction=0.0, seed=args.seed, device="cpu",
                             bce_weight=args.bce_weight, augment_intensity=args.augment_intensity,
-                            augment_noise=args.augment_noise)
+                            augment_noise=args.augment_noise, train_slices=keep)
     started = time.perf_counter()
     command = "nice -n 10 .venv/bin/python bench/train_starter.py " + shlex.join(sys.argv[1:])
     result = finetune(pairs, args.output, config, init=args.init, overwrite=True,

@@ -251,3 +251,14 @@ def test_a_single_slice_unet_initialises_a_25d_one_that_starts_with_the_same_out
     write(tmp_path / "res.safetensors", other, "resunet", {"channels": (8, 8, 16, 32, 64)})
     with pytest.raises(CheckpointError, match="does not match"):
         load_pretrained_init(build_model("polycl_unet25d", **SMALL), tmp_path / "res.safetensors")
+
+
+def test_train_slices_keep_true_neighbours_and_are_checked(tmp_path, single_torch_thread):
+    ct, label = shifted_case(7)
+    config = FinetuneConfig(architecture="polycl_unet25d", architecture_args=SMALL, input_size=32, epochs=1,
+                            batch_size=4, val_fraction=0.0, augment=False, device="cpu", train_slices=[[2, 5]])
+    result = finetune([(ct, label)], tmp_path / "m.safetensors", config)
+    assert result.card["data"]["slices"] == 2 and result.card["recipe"]["train_slices"] == [[2, 5]]
+    with pytest.raises(ValueError, match="1 lists of training slices for 2 scans"):
+        finetune([(ct, label), shifted_case(8)], tmp_path / "n.safetensors", config)
+    assert not (tmp_path / "n.safetensors").exists()

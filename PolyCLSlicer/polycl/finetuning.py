@@ -63,6 +63,8 @@ class FinetuneConfig:
     slices: str = "all"  # "annotated": only slices with label foreground + empty_slices (polycl.sparse)
     empty_slices: list = field(default_factory=list)  # liver-free array slices k ([k, ...] or one list per scan)
     bce_weight: float = 0.0  # + weight x pixel BCE: per-slice soft Dice has almost no gradient on liver-free slices
+    train_slices: list | None = None  # per scan, canonical slices (0 = most inferior) to train on; None: all.
+    # Unlike cropping the volume, a 2.5D network still sees the kept slices' true neighbours.
     augment_intensity: float = 0.05  # intensity offset range (window units) of the augmentation
     augment_noise: float = 0.0  # maximum Gaussian noise standard deviation (window units)
 
@@ -98,6 +100,8 @@ def slices_from_pairs(pairs: list[tuple[Volume, Volume]], size: int, middle_frac
     """Canonical, windowed, resized slices of every (CT, mask) pair (only canonical slices ``keep[scan]``);
     with ``context`` > 1 each image holds its adjacent CT slices as channels (``polycl.context``), taken from
     the whole CT even where they are not kept themselves."""
+    if keep is not None and len(keep) != len(pairs):
+        raise ValueError(f"{len(keep)} lists of training slices for {len(pairs)} scans")
     images, masks, scan_ids = [], [], []
     for scan, (ct, label) in enumerate(pairs):
         for note in validate_ct(ct.array, ct.source or f"scan {scan}"):
@@ -236,7 +240,8 @@ def finetune(pairs: list[tuple[Volume, Volume]], output: str | os.PathLike, conf
     elif config.empty_slices:
         raise ValueError("empty slices only apply to sparse finetuning (slices='annotated')")
     else:
-        data = slices_from_pairs(pairs, config.input_size, config.middle_fraction, context=context_slices(model))
+        data = slices_from_pairs(pairs, config.input_size, config.middle_fraction, keep=config.train_slices,
+                                 context=context_slices(model))
         train_scans, val_scans = split_scans(len(pairs), config.val_fraction, config.seed)
         train, val = _subset(data, train_scans, device), _subset(data, val_scans, device)
     batches = num_batches(len(train.images) * repeats, config.batch_size)
