@@ -38,7 +38,7 @@ def fold_finished(out: Path, case: str) -> bool:
 def train_folds(args: argparse.Namespace, extra: list[str]) -> dict[str, float | str]:
     """Train one checkpoint per held-out case (``--jobs`` at a time); minutes per fold ("reused" with --resume)."""
     started, minutes, running = {}, {}, {}
-    pending = list(CASES)
+    pending = list(args.cases)
     while pending or running:
         while pending and len(running) < args.jobs:
             case = pending.pop(0)
@@ -71,6 +71,8 @@ def main() -> int:
     parser.add_argument("--recipe", default="pseudo", choices=["labelled", "negatives", "pseudo"])
     parser.add_argument("--pseudo", type=Path, help="bench/pseudo_labels.py output (recipe pseudo)")
     parser.add_argument("--jobs", type=int, default=1)
+    parser.add_argument("--cases", nargs="+", choices=CASES, default=list(CASES),
+                        help="held-out cases to run (default: all three folds)")
     parser.add_argument("--resume", action="store_true",
                         help="keep folds already trained into --out (an interrupted run) instead of retraining them")
     parser.add_argument("--init-folds", type=Path,
@@ -83,7 +85,7 @@ def main() -> int:
     print(machine(), f"\nfolds in {args.out}", flush=True)
     minutes = train_folds(args, extra)
     rows = []
-    for held_out in CASES:
+    for held_out in args.cases:
         ct = read_volume(labeled / f"{held_out}_ct.nii.gz")
         reference = read_mask(labeled / f"{held_out}_liver.nii.gz", ct)
         checkpoint = args.out / f"without_{held_out}.safetensors"
