@@ -262,3 +262,14 @@ def test_train_slices_keep_true_neighbours_and_are_checked(tmp_path, single_torc
     with pytest.raises(ValueError, match="1 lists of training slices for 2 scans"):
         finetune([(ct, label), shifted_case(8)], tmp_path / "n.safetensors", config)
     assert not (tmp_path / "n.safetensors").exists()
+
+
+def test_slice_suggestion_feeds_a_25d_model_its_neighbours():
+    from polycl.suggest import tta_probability
+
+    canonical = np.full((5, 32, 32), -1000, np.int16)
+    canonical[3, 8:24, 8:24] = 200  # only slice 3 is bright: the 'slice above' model finds liver on slice 2
+    segmenter = Segmenter(AboveSliceModel(), default_card("polycl_unet25d", {}, 32), device="cpu", precision="fp32")
+    probability = tta_probability(segmenter, canonical, batch_size=2)
+    assert probability.shape == (5, 32, 32)
+    assert probability[2, 16, 16] > 0.9 and probability[[0, 1, 3, 4]].max() < 0.1
