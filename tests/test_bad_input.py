@@ -64,7 +64,8 @@ def tiny(tmp_path_factory, base):
     torch.manual_seed(0)
     model = build_model("polycl_unet", **TINY_ARGS)
     save_model(path, model, default_card("polycl_unet", TINY_ARGS, 32))
-    probability = Segmenter.from_checkpoint(path, "cpu").segment(*base, largest_component=False).probability
+    probability = Segmenter.from_checkpoint(path, "cpu").segment(*base, largest_component=False,
+                                                                 probability=True).probability
     logit = np.log(np.clip(probability, 1e-6, 1 - 1e-6) / np.clip(1 - probability, 1e-6, 1))
     with torch.no_grad():
         model.decoder.conv_last.bias -= float(np.median(logit))

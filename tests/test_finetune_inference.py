@@ -109,8 +109,8 @@ def test_reoriented_copy_gives_the_same_mask_in_world_space(random_segmenter, se
     matrix = oblique_matrix(angles=(0.1 * seed, -0.15, 0.2))
     reindex = CanonicalOrientation(tuple(rng.permutation(3)), tuple(bool(b) for b in rng.integers(0, 2, 3)))
     copy_ct, copy_matrix = reindex.to_canonical(ct), reindex.canonical_matrix(matrix, ct.shape)
-    original = random_segmenter.segment(ct, matrix, batch_size=3, largest_component=False)
-    copied = random_segmenter.segment(copy_ct, copy_matrix, batch_size=5, largest_component=False)
+    original = random_segmenter.segment(ct, matrix, batch_size=3, largest_component=False, probability=True)
+    copied = random_segmenter.segment(copy_ct, copy_matrix, batch_size=5, largest_component=False, probability=True)
     assert original.mask.shape == ct.shape and copied.mask.shape == copy_ct.shape
     np.testing.assert_allclose(reindex.from_canonical(copied.probability), original.probability, atol=1e-5)
     np.testing.assert_array_equal(reindex.from_canonical(copied.mask), original.mask)

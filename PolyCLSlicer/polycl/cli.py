@@ -121,7 +121,6 @@ def command_segment(args: argparse.Namespace) -> int:
     from .cli_sam import build_refiner_from_args, review_json, run_refinement
     from .inference import Segmenter
     from .io import read_mask, read_volume, write_volume
-    from .metrics import evaluate
     from .preprocessing import validate_ct
 
     _check_segment_args(args)
@@ -141,7 +140,8 @@ def command_segment(args: argparse.Namespace) -> int:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # already reported above
             result = segmenter.segment(volume.array, volume.ijk_to_ras, batch_size=args.batch_size,
-                                       largest_component=not args.no_largest_component, progress=progress)
+                                       largest_component=not args.no_largest_component, progress=progress,
+                                       probability=bool(args.probability))
     finally:
         close()
     clock.lap("segment")
@@ -153,7 +153,11 @@ def command_segment(args: argparse.Namespace) -> int:
         write_volume(args.probability, result.probability, volume.ijk_to_ras)
     clock.lap("write")
     liver_ml = float(mask.sum()) * float(np.prod(volume.spacing)) / 1000
-    metrics = evaluate(mask, reference.array, volume.ijk_to_ras) if reference is not None else None
+    metrics = None
+    if reference is not None:
+        from .metrics import evaluate  # scipy: loaded only when scoring
+
+        metrics = evaluate(mask, reference.array, volume.ijk_to_ras)
     if args.json:
         print(strict_json({
             "input": str(args.input), "output": str(args.output), "probability": args.probability,

@@ -41,11 +41,11 @@ def build_refiner_from_args(args: argparse.Namespace):
 
     ``sam`` needs ``--sam-checkpoint``; ``sam2`` needs ``--sam2-checkpoint`` (or ``--sam-checkpoint``).
     """
-    from .sam_refine import build_refiner
-
     name = getattr(args, "refine", "none")
     if name in (None, "none"):
-        return None
+        return None  # a plain segment never imports the SAM stack (or scipy through it)
+    from .sam_refine import build_refiner
+
     checkpoint = getattr(args, "sam_checkpoint", None)  # sam2 falls back to --sam-checkpoint
     if name == "sam2" and getattr(args, "sam2_checkpoint", None) is not None:
         checkpoint = args.sam2_checkpoint
@@ -57,7 +57,8 @@ def build_refiner_from_args(args: argparse.Namespace):
         raise FileNotFoundError(f"SAM checkpoint {checkpoint}: no such file")
     return build_refiner(name, checkpoint=checkpoint, model_type=getattr(args, "sam_model", None),
                          config=getattr(args, "sam2_config", None), device=getattr(args, "device", "auto"),
-                         precision=getattr(args, "refine_precision", "auto"))
+                         precision=getattr(args, "refine_precision", "auto"),
+                         cache_bytes=0)  # one pass per slice: caching embeddings (4 MB each) only costs RAM
 
 
 def review_line(result, max_dice: float = 0.9) -> str:

@@ -7,8 +7,8 @@ import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
+import SimpleITK as sitk
 import torch
-from scipy import ndimage
 
 from .checkpoints import load_checkpoint
 from .context import context_batch, context_slices
@@ -18,21 +18,39 @@ from .preprocessing import CanonicalOrientation, resize_slices, validate_ct, win
 from .progress import CancelFlag, ProgressFn, check_cancel, no_progress
 
 
+def bounding_box(mask: np.ndarray) -> tuple[slice, ...] | None:
+    """The smallest box (one slice per axis) holding every non-zero voxel; None for an empty mask."""
+    box = []
+    for axis in range(mask.ndim):
+        hits = np.flatnonzero(np.any(mask, axis=tuple(a for a in range(mask.ndim) if a != axis)))
+        if hits.size == 0:
+            return None
+        box.append(slice(int(hits[0]), int(hits[-1]) + 1))
+    return tuple(box)
+
+
 def keep_largest_component(mask: np.ndarray) -> np.ndarray:
-    """Largest 26-connected 3D component of a binary mask."""
-    labels, count = ndimage.label(mask, structure=np.ones((3, 3, 3), bool))
-    if count <= 1:
-        return mask.astype(bool)
-    sizes = np.bincount(labels.ravel())
-    sizes[0] = 0
-    return labels == int(np.argmax(sizes))
+    """Largest fully connected (26 in 3D) component of a binary mask, as bool.
+
+    Labelled by ITK (multi-threaded, no scipy import) inside the mask's bounding box only: a liver
+    fills a small part of a CT, so most of the volume is never scanned.
+    """
+    mask = np.asarray(mask) != 0
+    box = bounding_box(mask)
+    if box is None:
+        return mask
+    crop = sitk.GetImageFromArray(np.ascontiguousarray(mask[box], np.uint8))
+    by_size = sitk.RelabelComponent(sitk.ConnectedComponent(crop, True), 0, True)  # label 1: the largest
+    kept = np.zeros_like(mask)
+    kept[box] = sitk.GetArrayFromImage(by_size == 1) != 0
+    return kept
 
 
 @dataclass
 class SegmentationResult:
-    """Probability (float32) and binary mask, both [i, j, k] on the input grid."""
+    """Binary uint8 mask and (when asked for) the float32 probability, both [i, j, k] on the input grid."""
 
-    probability: np.ndarray
+    probability: np.ndarray | None
     mask: np.ndarray
     warnings: list[str] = field(default_factory=list)
 
@@ -63,12 +81,13 @@ class Segmenter:
         return 4 if self.device.type == "cpu" else 16
 
     def predict_slices(self, slices: np.ndarray, batch_size: int | None = None, progress: ProgressFn = no_progress,
-                       cancel: CancelFlag | None = None) -> np.ndarray:
+                       cancel: CancelFlag | None = None, threshold: float | None = None) -> np.ndarray:
         """Probabilities for canonical (N, H, W) HU slices (inferior to superior: a 2.5D model's neighbours),
-        returned at (N, H, W)."""
+        returned at (N, H, W); with ``threshold`` the uint8 mask ``probability > threshold`` instead (thresholded
+        batch by batch: no float copy of the volume)."""
         count, height, width = slices.shape
         batch_size = batch_size or self.default_batch_size
-        out = np.empty((count, height, width), np.float32)
+        out = np.empty((count, height, width), np.float32 if threshold is None else np.uint8)
         with torch.inference_mode():
             for start in range(0, count, batch_size):
                 check_cancel(cancel, "segmentation")
@@ -77,26 +96,30 @@ class Segmenter:
                 with autocast_context(self.device, self.precision):
                     logits = self.model(resize_slices(batch, self.input_size)).float()
                 logits = resize_slices(logits, (height, width))
-                out[start:start + batch_size] = torch.sigmoid(logits)[:, 0].float().cpu().numpy()
+                probability = torch.sigmoid(logits)[:, 0].float()
+                out[start:start + batch_size] = (probability if threshold is None else probability > threshold).cpu()
                 progress(min(1.0, (start + batch_size) / count), f"slice {min(count, start + batch_size)}/{count}")
         return out
 
     def segment(self, array: np.ndarray, ijk_to_ras: np.ndarray, batch_size: int | None = None,
                 threshold: float = 0.5, largest_component: bool = True, progress: ProgressFn = no_progress,
-                cancel: CancelFlag | None = None) -> SegmentationResult:
-        """Segment the liver in a CT volume given as [i, j, k] HU array + IJK->RAS matrix."""
+                cancel: CancelFlag | None = None, probability: bool = False) -> SegmentationResult:
+        """Segment the liver in a CT volume given as [i, j, k] HU array + IJK->RAS matrix.
+
+        The float32 probability map is kept only when ``probability`` is asked for (else None).
+        """
         notes = validate_ct(array)
         for note in notes:
             warnings.warn(note, stacklevel=2)
         orientation = CanonicalOrientation.from_matrix(ijk_to_ras)
         canonical = orientation.to_canonical(array)
-        probability = self.predict_slices(canonical, batch_size, progress, cancel)
-        mask = probability > threshold
+        predicted = self.predict_slices(canonical, batch_size, progress, cancel, None if probability else threshold)
+        mask = predicted > threshold if probability else predicted
         if largest_component:
             mask = keep_largest_component(mask)
         return SegmentationResult(
-            probability=np.ascontiguousarray(orientation.from_canonical(probability)),
-            mask=np.ascontiguousarray(orientation.from_canonical(mask.astype(np.uint8))),
+            probability=np.ascontiguousarray(orientation.from_canonical(predicted)) if probability else None,
+            mask=np.ascontiguousarray(orientation.from_canonical(mask.view(np.uint8))),
             warnings=notes,
         )
 
