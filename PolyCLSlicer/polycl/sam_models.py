@@ -202,15 +202,17 @@ class SamRefiner(Refiner):
     fp32 path (the benchmark's "naive" baseline).
     """
 
+    DEFAULT_ENCODER_BATCH = 1
+
     def __init__(self, sam: torch.nn.Module, name: str = "sam", device: str | torch.device = "auto",
-                 precision: str = "auto", optimize: bool = True, encoder_batch: int = 1,
+                 precision: str = "auto", optimize: bool = True, encoder_batch: int | None = None,
                  cache_bytes: int = DEFAULT_CACHE_BYTES):
         from segment_anything.utils.transforms import ResizeLongestSide
 
         super().__init__(device, precision if optimize else "fp32", cache_bytes)
         self.name = name
         self.optimize = optimize
-        self.encoder_batch = max(1, int(encoder_batch))
+        self.encoder_batch = max(1, int(encoder_batch or self.DEFAULT_ENCODER_BATCH))
         sam = sam.eval()
         if optimize:  # fold first, then move: folding builds new convs on the default device
             fuse_conv_bn(sam.image_encoder)
