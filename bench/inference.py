@@ -1,10 +1,12 @@
 """Inference benchmark: end-to-end `polycl segment` time and peak RSS, batched vs naive, GFLOP/s.
 
-Run:  .venv/bin/python bench/inference.py [--data DIR] [--repeats N]
+Run:  .venv/bin/python bench/inference.py [--data DIR] [--repeats N] [--baseline-commit SHA]
 
 Measures, in one run on this machine:
-  1. end-to-end `polycl segment` (process start, imports, model load, read, inference, write) wall
-     time and peak RSS on the largest labelled case and on a 512x512x119 CT cut from ircad01;
+  1. end-to-end `polycl segment --json` (process start, imports, model load, read, inference, write) wall
+     time, CPU time, peak RSS and the step laps, on the largest labelled case and on a 512x512x119 CT cut
+     from ircad01: the package before issue 12 (``git archive`` of --baseline-commit) and now, alternated;
+     then now with ``--probability`` (the float map written too);
   2. the network alone on the 119-slice volume: naive eager per-slice fp32 loop (baseline) vs the
      shipped path (batched, inference_mode, bf16 autocast where the CPU has native bf16);
   3. achieved GFLOP/s of both vs a matmul peak (fp32 and bf16) measured in the same run.
@@ -16,6 +18,7 @@ Figures depend on the machine and on other load: compare ratios within one run.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -36,17 +39,65 @@ from polycl.models import build_model  # noqa: E402
 from polycl.preprocessing import CanonicalOrientation, resize_slices, window  # noqa: E402
 from polycl.samples import data_dir  # noqa: E402
 
+BASELINE_COMMIT = "4a7f70d"
 
-def run_cli(argv: list[str]) -> tuple[float, float]:
-    """Wall seconds and peak RSS (MiB) of one `polycl` process."""
+
+def run_cli(argv: list[str], package: Path = ROOT / "PolyCLSlicer") -> tuple[float, float]:
+    """Wall seconds and peak RSS (MiB) of one `polycl` process (the polycl package found under ``package``)."""
+    seconds, rss, _, _ = run_cli_detailed(argv, package)
+    return seconds, rss
+
+
+def run_cli_detailed(argv: list[str], package: Path = ROOT / "PolyCLSlicer") -> tuple[float, float, float, dict]:
+    """Wall seconds, peak RSS (MiB), CPU seconds (user + system, all threads) and the ``--json`` step laps."""
     started = time.perf_counter()
-    process = subprocess.Popen([sys.executable, "-m", "polycl.cli", *argv], stdout=subprocess.DEVNULL,
-                               stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(ROOT / "PolyCLSlicer")})
+    process = subprocess.Popen([sys.executable, "-m", "polycl.cli", *argv], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(package)})
+    output = process.stdout.read()
     _, status, usage = os.wait4(process.pid, 0)
     seconds = time.perf_counter() - started
     if os.waitstatus_to_exitcode(status) != 0:
         raise RuntimeError(process.stderr.read().decode())
-    return seconds, usage.ru_maxrss / 1024
+    laps = json.loads(output).get("seconds", {}) if "--json" in argv else {}
+    return seconds, usage.ru_maxrss / 1024, usage.ru_utime + usage.ru_stime, laps
+
+
+def baseline_package(commit: str, work: Path) -> Path | None:
+    """The polycl package as of ``commit`` (git archive into ``work``), or None when git cannot give it."""
+    target = work / f"baseline-{commit}"
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", commit, "PolyCLSlicer/polycl"], capture_output=True)
+    if archive.returncode != 0:
+        print(f"   (no baseline: git archive {commit} failed: {archive.stderr.decode().strip()[:120]})")
+        return None
+    target.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["tar", "-x", "-C", str(target)], input=archive.stdout, check=True)
+    return target / "PolyCLSlicer"
+
+
+def compare_end_to_end(cases: dict[str, Path], checkpoint: Path, work: Path, baseline_commit: str,
+                       repeats: int) -> None:
+    """`polycl segment` end to end, the package before issue 12 vs now, runs alternated; best of ``repeats``."""
+    baseline = baseline_package(baseline_commit, work)
+    packages = {f"before ({baseline_commit})": baseline, "now": ROOT / "PolyCLSlicer"}
+    print(f"\n1. end-to-end `polycl segment --json` (new process each run, alternated; best of {repeats}; "
+          "CPU = user + system seconds of all threads)")
+    for name, path in cases.items():
+        argv = ["segment", str(path), "-o", str(work / "mask.nii.gz"), "--overwrite", "--json",
+                "--checkpoint", str(checkpoint)]
+        runs: dict[str, list] = {label: [] for label, package in packages.items() if package is not None}
+        for _ in range(repeats):
+            for label in runs:
+                runs[label].append(run_cli_detailed(argv, packages[label]))
+        best = {label: min(results, key=lambda r: r[0]) for label, results in runs.items()}
+        for label, (seconds, rss, cpu, laps) in best.items():
+            steps = "  ".join(f"{step} {value:.2f}" for step, value in laps.items())
+            ratio = ""
+            if label == "now" and len(best) == 2:
+                ratio = f"  {next(iter(best.values()))[0] / seconds:4.2f}x"
+            print(f"   {name:22s} {label:18s} {seconds:6.2f} s  CPU {cpu:6.2f} s  peak RSS {rss:6.0f} MiB  "
+                  f"[{steps}]{ratio}  load {os.getloadavg()[0]:.1f}")
+        seconds, rss, cpu, _ = run_cli_detailed([*argv, "--probability", str(work / "probability.nii.gz")])
+        print(f"   {name:22s} {'now, --probability':18s} {seconds:6.2f} s  CPU {cpu:6.2f} s  peak RSS {rss:6.0f} MiB")
 
 
 def matmul_peak(dtype: torch.dtype, size: int = 2048, repeats: int = 5) -> float:
@@ -139,6 +190,10 @@ def main() -> int:
     parser.add_argument("--checkpoint", type=Path, default=None, help="default: the bundled starter model")
     parser.add_argument("--backbones", action="store_true", help="only compare the three backbones' inference time")
     parser.add_argument("--size", type=int, default=128, help="--backbones: network input size (default 128)")
+    parser.add_argument("--baseline-commit", default=BASELINE_COMMIT,
+                        help=f"end-to-end baseline: the polycl package of this commit (default {BASELINE_COMMIT}, "
+                             "the last one before issue 12's segment changes)")
+    parser.add_argument("--repeats", type=int, default=2, help="end-to-end runs per package (best is printed)")
     args = parser.parse_args()
     if args.data is None:
         print("no data folder: set POLYCL_DATA or pass --data")
@@ -160,12 +215,7 @@ def main() -> int:
     cases = {"totalseg_dcm 512x512x20": args.data / "labeled" / "totalseg_dcm_ct.nii.gz",
              "ircad01 512x512x119": work / "ct119.nii.gz"}
 
-    print("\n1. end-to-end `polycl segment` (new process each run; best of 2)")
-    for name, path in cases.items():
-        runs = [run_cli(["segment", str(path), "-o", str(work / "mask.nii.gz"), "--overwrite",
-                         "--checkpoint", str(checkpoint)]) for _ in range(2)]
-        seconds, rss = min(runs)
-        print(f"   {name:26s} {seconds:6.2f} s   peak RSS {rss:7.0f} MiB")
+    compare_end_to_end(cases, checkpoint, work, args.baseline_commit, args.repeats)
 
     model, card = load_checkpoint(checkpoint)
     slices = CanonicalOrientation.from_matrix(matrix).to_canonical(cut)

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from . import __version__
 from .checkpoints import default_card, load_pretrained_init, read_checkpoint, save_model
 from .context import card_fields, context_slices, stack_context
-from .devices import configure_precision, place, resolve_device
+from .devices import autocast_context, configure_precision, place, resolve_device
 from .io import Volume, check_same_grid
 from .models import build_model, check_input_size
 from .preprocessing import CanonicalOrientation, middle_slices, resize_slices, validate_ct, window
@@ -67,6 +67,7 @@ class FinetuneConfig:
     # Unlike cropping the volume, a 2.5D network still sees the kept slices' true neighbours.
     augment_intensity: float = 0.05  # intensity offset range (window units) of the augmentation
     augment_noise: float = 0.0  # maximum Gaussian noise standard deviation (window units)
+    precision: str = "auto"  # forward/backward: bf16 autocast where the device runs bf16 natively, else fp32
 
 
 @dataclass
@@ -158,6 +159,17 @@ def split_scans(num_scans: int, val_fraction: float, seed: int) -> tuple[list[in
     return sorted(order[val_count:]), sorted(order[:val_count])
 
 
+def warp_batch(images: torch.Tensor, masks: torch.Tensor, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Apply each sample's 2x3 affine ``theta`` (output -> input, normalised coordinates) to its image and
+    mask: one ``affine_grid`` and one ``grid_sample`` for the whole batch, image channels and mask together
+    (bilinear, zeros outside); the mask is re-binarised at 0.5."""
+    channels = images.shape[1]
+    both = torch.cat([images, masks.to(images.dtype)], 1)
+    grid = F.affine_grid(theta, list(both.shape), align_corners=False)
+    both = F.grid_sample(both, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    return both[:, :channels], (both[:, channels:] > 0.5).to(masks.dtype)
+
+
 def augment_batch(images: torch.Tensor, masks: torch.Tensor, generator: torch.Generator, intensity: float = 0.05,
                   noise: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Random rotation (±15°), scale (0.85-1.15), shift (±8 %), gain (0.9-1.1), offset (±intensity in window
@@ -175,9 +187,7 @@ def augment_batch(images: torch.Tensor, masks: torch.Tensor, generator: torch.Ge
     theta[:, 1, 0] = torch.sin(angle) / scale
     theta[:, 1, 1] = torch.cos(angle) / scale
     theta[:, :, 2] = torch.stack([uniform(-0.08, 0.08), uniform(-0.08, 0.08)], 1)
-    grid = F.affine_grid(theta.to(images.device), list(images.shape), align_corners=False)
-    images = F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    masks = (F.grid_sample(masks, grid, mode="bilinear", padding_mode="zeros", align_corners=False) > 0.5).float()
+    images, masks = warp_batch(images, masks, theta.to(images.device))
     gain = uniform(0.9, 1.1).to(images.device)[:, None, None, None]
     bias = uniform(-intensity, intensity).to(images.device)[:, None, None, None]
     images = images * gain + bias
@@ -186,6 +196,12 @@ def augment_batch(images: torch.Tensor, masks: torch.Tensor, generator: torch.Ge
         draw = torch.randn(images.shape, generator=generator, device=generator.device)
         images = images + sigma * draw.to(images.device)
     return images.clamp(0, 1), masks
+
+
+def training_precision(requested: str, device: torch.device) -> str:
+    """bf16 or fp32: the device policy's choice (``devices.precision_policy``; on CUDA it also sets TF32 /
+    cuDNN autotuning).  fp16 trains in fp32 here: fp16 gradients would need loss scaling."""
+    return "bf16" if configure_precision(requested, device) == "bf16" else "fp32"
 
 
 @torch.no_grad()
@@ -225,7 +241,7 @@ def finetune(pairs: list[tuple[Volume, Volume]], output: str | os.PathLike, conf
         raise FileExistsError("the output would replace the initial checkpoint; choose a new file")
     seed_everything(config.seed)
     device = resolve_device(config.device)
-    configure_precision("auto", device)  # CUDA: TF32 + cuDNN autotuning; training itself runs in float32
+    config = replace(config, precision=training_precision(config.precision, device))  # recorded in the card
     model = place(build_model(config.architecture, **config.architecture_args), device)
     init_card = load_pretrained_init(model, init) if init is not None else None
     sparse, slice_card, repeats = config.slices == "annotated", {}, 1
@@ -262,7 +278,8 @@ def finetune(pairs: list[tuple[Volume, Volume]], output: str | os.PathLike, conf
                    if config.augment else (images, masks))
 
     def loss_fn(net: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        logits = net(batch[0])
+        with autocast_context(device, config.precision):
+            logits = net(batch[0]).float()  # the loss in float32
         loss = soft_dice_loss(logits, batch[1])
         if config.bce_weight:
             loss = loss + config.bce_weight * F.binary_cross_entropy_with_logits(logits, batch[1])

@@ -58,26 +58,33 @@ def make_optimizer(parameters: Iterable[torch.nn.Parameter], lr: float, batches_
 def run_epoch(model: torch.nn.Module, batches: Iterable[Any], loss_fn: Callable[[torch.nn.Module, Any], torch.Tensor],
               optimizer: torch.optim.Optimizer, scheduler: Any = None, cancel: CancelFlag | None = None,
               on_batch: BatchCallback | None = None, num_batches: int | None = None) -> float:
-    """Train one epoch; checks the cancel flag before every batch; returns the mean loss."""
+    """Train one epoch; checks the cancel flag before every batch; returns the mean of the step losses.
+
+    Step losses stay on the device and are read once at the end of the epoch (no per-step host
+    synchronisation, which stalls a GPU queue), unless ``on_batch`` asks for each one.  A non-finite
+    loss raises FloatingPointError at the end of the epoch, naming its first batch.
+    """
     model.train()
-    total, count = 0.0, 0
+    losses = []
     for index, batch in enumerate(batches):
         check_cancel(cancel, "training")
         optimizer.zero_grad(set_to_none=True)
         loss = loss_fn(model, batch)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"loss became {loss.item()} at batch {index}; lower the learning rate")
         loss.backward()
         optimizer.step()
         if scheduler is not None:
             scheduler.step()
-        total += float(loss.detach())
-        count += 1
+        losses.append(loss.detach())
         if on_batch is not None:
-            on_batch(index, num_batches or 0, float(loss.detach()))
-    if count == 0:
+            on_batch(index, num_batches or 0, float(losses[-1]))
+    if not losses:
         raise ValueError("no training batches: the training set is empty")
-    return total / count
+    values = torch.stack(losses).double().cpu()  # the epoch's one host synchronisation
+    bad = torch.nonzero(~torch.isfinite(values)).flatten()
+    if len(bad):
+        raise FloatingPointError(f"loss became {values[bad[0]].item()} at batch {int(bad[0])}; "
+                                 "lower the learning rate")
+    return float(values.mean())
 
 
 def fit(model: torch.nn.Module, epochs: int, make_batches: Callable[[int], Iterable[Any]],
