@@ -4,6 +4,9 @@ Four classes as in Slicer's scripted-module template: Module (metadata), Widget 
 shows results), Logic (all computation, headless) and Test.  The app-only parts (qt, ctk,
 ScriptedLoadableModule, parameterNodeWrapper) are imported in a guarded block so that the Logic
 imports and runs under ``slicer-core`` (real MRML, no application) for batch use and CI.
+The classes stay thin: the Logic's task builders, the Widget's job control and the self-test steps are
+mixins from PolyCLSlicerLib (``segmentation_tasks``, ``loop_tasks``, ``scene_helpers``, ``panel_jobs``,
+``selftest``).
 """
 
 import sys
@@ -447,7 +450,6 @@ class PolyCLSlicerLogic(SegmentationTasks, LoopTasks, SceneHelpers, ScriptedLoad
         if device == "cuda" and self.worker.facts.get("cuda") is False:
             return "No CUDA GPU is visible to PyTorch: choose Auto or CPU."
         return ""
-
 
 
 #
