@@ -13,7 +13,7 @@ import SimpleITK as sitk
 from polycl.checkpoints import default_card, save_model
 from polycl.cli import build_parser, main
 from polycl.cli_finetune import pair_images_and_labels
-from polycl.io import write_volume
+from polycl.io import read_mask, read_volume, write_volume
 from polycl.models import build_model
 
 COMMANDS = ["segment", "finetune", "evaluate", "info", "sample"]
@@ -144,6 +144,10 @@ def test_segment_evaluate_info_round_trip(tmp_path, capsys, tiny_checkpoint):
                  "--probability", str(tmp_path / "prob.nii.gz")]) == 0
     out = capsys.readouterr().out
     assert "wrote" in out and "Dice" in out and "HD95" in out
+    probability = read_volume(tmp_path / "prob.nii.gz").array  # asked for: the float map on the input grid
+    mask = read_mask(tmp_path / "mask.seg.nrrd").array
+    assert probability.dtype == np.float32 and probability.shape == mask.shape == (24, 24, 6)
+    assert probability.min() >= 0 and probability.max() <= 1 and np.all(probability[mask > 0] > 0.5)
     assert main(["evaluate", str(tmp_path / "ref.nii.gz"), str(tmp_path / "ref.nii.gz"), "--json"]) == 0
     metrics = json.loads(capsys.readouterr().out)
     assert metrics["dice"] == 1.0 and metrics["hd95_mm"] == 0.0

@@ -58,11 +58,12 @@ def validate_ct(array: np.ndarray, name: str = "volume") -> list[str]:
         raise InputVolumeError(f"{name}: shape {array.shape} is too small for a CT (slices under 8x8)")
     if not np.issubdtype(array.dtype, np.number) or np.iscomplexobj(array):
         raise InputVolumeError(f"{name}: voxel type {array.dtype} is not a real scalar")
-    finite = np.isfinite(array)
-    if not finite.all():
-        raise InputVolumeError(
-            f"{name}: {int((~finite).sum())} voxels are NaN or infinite; fix or mask them before segmenting"
-        )
+    if np.issubdtype(array.dtype, np.floating):  # integer voxels are always finite: no mask of the volume
+        finite = np.isfinite(array)
+        if not finite.all():
+            raise InputVolumeError(
+                f"{name}: {int((~finite).sum())} voxels are NaN or infinite; fix or mask them before segmenting"
+            )
     low, high = float(array.min()), float(array.max())
     if low == high:
         raise InputVolumeError(f"{name}: every voxel has the value {low}; the volume is empty")
