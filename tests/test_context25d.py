@@ -139,7 +139,7 @@ def test_tiny_25d_model_trains_and_segments_what_a_2d_model_cannot(tmp_path, sin
         segmenter = Segmenter.from_checkpoint(path, device="cpu", precision="fp32")
         mask = segmenter.segment(*flipped, largest_component=False).mask[::-1].astype(bool)
         scores[name] = dice(mask, test_label.array > 0)
-    assert scores["25d"] > 0.8 > 0.5 > scores["2d"], scores
+    assert scores["25d"] > 0.9 and scores["2d"] < 0.6, scores  # measured: 1.0 and 0.46 (a 2D net guesses by overlap)
 
 
 def test_single_slice_checkpoint_output_is_unchanged():
