@@ -103,8 +103,9 @@ def _two_liver_slices(labeled_case):
     """totalseg_dcm (512x512) cut to two mid-liver slices; a coarse mask with two components per slice."""
     ct, reference = labeled_case("totalseg_dcm")
     keep = slice(9, 11)
-    coarse = ndimage.binary_erosion(reference.array[:, :, keep] > 0, iterations=3).astype(np.uint8)
-    coarse[300:330, 100:130, :] = 1  # a second component on both slices (its own box in the same decoder call)
+    in_plane = np.ones((3, 3, 1), bool)
+    coarse = ndimage.binary_erosion(reference.array[:, :, keep] > 0, in_plane, iterations=3).astype(np.uint8)
+    coarse[380:410, 250:280, :] = 1  # a second component on both slices (its own box in the same decoder call)
     return ct.array[:, :, keep], ct.ijk_to_ras, coarse, reference.array[:, :, keep]
 
 

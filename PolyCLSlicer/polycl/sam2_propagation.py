@@ -207,7 +207,7 @@ def propagate_from_annotation(ct_array: np.ndarray, ijk_to_ras: np.ndarray, anno
     rules = stop or StopRules()
     orientation = CanonicalOrientation.from_matrix(ijk_to_ras)
     shape = ct_array.shape
-    ct = np.ascontiguousarray(orientation.to_canonical(ct_array))
+    ct = orientation.to_canonical(ct_array)  # a view: slices are read one at a time, no whole-volume copy
     seeds_mask = np.ascontiguousarray(orientation.to_canonical(annotation))
     guide = None if guide_mask is None else np.ascontiguousarray(orientation.to_canonical(np.asarray(guide_mask) > 0))
     count = ct.shape[0]
@@ -288,7 +288,7 @@ def propagate_from_annotation(ct_array: np.ndarray, ijk_to_ras: np.ndarray, anno
         finally:
             stream.close()
         stops.append(reason)
-    mask = np.ascontiguousarray(orientation.from_canonical(out.astype(np.uint8)))
+    mask = np.ascontiguousarray(orientation.from_canonical(out.view(np.uint8)))
     return PropagationResult(mask=mask, steps=steps, stops=stops, engine=getattr(tracker, "name", str(engine)),
                              seconds=time.perf_counter() - start_time,
                              seed_indices=[array_slice_index(orientation, shape, z) for z in annotated])
