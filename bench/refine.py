@@ -1,25 +1,28 @@
-"""SAM box-refinement benchmark: LiteMedSAM seconds per slice (naive vs optimised), Dice before/after.
+"""LiteMedSAM box-refinement benchmark on a 512x512 CT: naive vs optimised, seconds per slice, RSS.
 
-Run:  .venv/bin/python bench/refine.py [--data DIR] [--slices 4] [--coarse block polycl] [--threads N]
+Run:  .venv/bin/python bench/refine.py [--data DIR] [--slices 6] [--threads N] [--cases] [--segment-rss]
 
-In one run on this machine:
-  1. per liver slice, on ``--slices`` mid-liver slices of totalseg_dcm (512x512): the encoder and the
-     decoder of the naive path (fp32 eager, BatchNorm unfolded, one decoder call per box, no cache)
-     and of the shipped path (BatchNorm folded, channels-last, bf16 autocast where the CPU runs bf16
-     natively, boxes of a slice decoded in one call); the two are interleaved slice by slice so
-     that other load on the machine hits both alike;
-  2. end-to-end ``refine_volume`` on every labelled case with the shipped path: seconds per slice,
-     3D Dice of the coarse mask and of the refined mask, boxes that fell back to the coarse mask,
-     then the same call again (embedding cache hit) and peak RSS.
-Coarse masks: ``block`` = the reference block-downsampled to ``--block-mm`` in-plane and upsampled
-(the issue's deliberately coarsened mask); ``polycl`` = the bundled starter PolyCL model's output
-(note: the starter was trained on these three cases, so its Dice is optimistic).
+In one run on this machine (coarse mask: the bundled starter PolyCL model on ircad01's middle 119
+slices, 512x512, unseen in training):
+  1. per liver slice on ``--slices`` mid-liver slices, naive and optimised interleaved slice by slice
+     (other load on the machine hits both alike): naive = the plain fp32 path (BatchNorm unfolded,
+     contiguous layout, one encoder call per slice, one decoder call per box); optimised = the shipped
+     path (BatchNorm folded, channels-last, encoder batches of ``--batch``, one decoder call per slice,
+     bf16 only where the CPU has it natively).  Encoder and decoder seconds, the ratio, GFLOP/s as a
+     fraction of a fp32 matmul peak measured in the same run, and whether the masks agree;
+  2. ``refine_volume`` over every liver slice of the coarse mask with the shipped path (what
+     ``polycl segment --refine litemedsam`` runs): seconds per refined slice, fallbacks, peak RSS;
+  3. ``--cases``: 3D Dice coarse -> refined on the labelled cases (block-coarsened reference);
+  4. ``--segment-rss``: peak RSS and wall time of ``polycl segment --refine litemedsam`` on a
+     512x512x300 CT (ircad01 resampled along z) in a child process; several minutes.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -28,9 +31,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import CASES, data_root, machine, peak_rss_mb  # noqa: E402  (also puts polycl on sys.path)
+from inference import cut_119, matmul_peak, run_cli  # noqa: E402
 
 from polycl import sam_refine as sr  # noqa: E402
-from polycl.io import read_mask, read_volume, voxel_spacing  # noqa: E402
+from polycl.io import read_mask, read_volume, voxel_spacing, write_volume  # noqa: E402
 from polycl.metrics import dice  # noqa: E402
 from polycl.preprocessing import CanonicalOrientation  # noqa: E402
 
@@ -48,100 +52,150 @@ def block_coarsen(mask: np.ndarray, ijk_to_ras: np.ndarray, block_mm: float) -> 
     return np.ascontiguousarray(orientation.from_canonical(coarse.astype(np.uint8)))
 
 
-def micro(ct, reference, ijk_to_ras, count: int) -> None:
+def model_flops(refiner: sr.SamRefiner, boxes: int = 1) -> tuple[float, float]:
+    """FLOPs of one encoder pass (256x256) and of the decoder per box."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    image = np.zeros((512, 512, 3), np.uint8)
+    with FlopCounterMode(display=False) as counter:
+        embedding = refiner._encode([image])[0]
+    encoder = float(counter.get_total_flops())
+    with FlopCounterMode(display=False) as counter:
+        refiner._decode(embedding, np.tile(np.array([[100, 100, 300, 300]], np.float32), (boxes, 1)))
+    return encoder, float(counter.get_total_flops()) / boxes
+
+
+def coarse_ircad(root: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """ircad01's middle 119 slices and the starter PolyCL model's mask of them."""
+    from polycl.inference import Segmenter
+
+    array, matrix = cut_119(root)
+    array = np.ascontiguousarray(array)
+    mask = Segmenter.from_checkpoint(None, "cpu").segment(array, matrix).mask
+    return array, matrix, np.asarray(mask, np.uint8)
+
+
+def per_slice(array: np.ndarray, matrix: np.ndarray, coarse: np.ndarray, count: int, batch: int,
+              peak: float) -> None:
     """Naive vs optimised encoder / decoder per slice, interleaved."""
     naive = sr.build_refiner("litemedsam", device="cpu", optimize=False)
-    fast = sr.build_refiner("litemedsam", device="cpu", optimize=True)
-    orientation = CanonicalOrientation.from_matrix(ijk_to_ras)
-    canon_ct, canon_ref = orientation.to_canonical(ct), orientation.to_canonical(reference > 0)
-    liver = np.flatnonzero(canon_ref.reshape(len(canon_ref), -1).any(1))
-    picked = liver[len(liver) // 2 - count // 2:][:count]
-    warm = sr.slice_to_rgb(canon_ct[picked[0]])
+    fast = sr.build_refiner("litemedsam", device="cpu", optimize=True, encoder_batch=batch)
+    orientation = CanonicalOrientation.from_matrix(matrix)
+    ct, mask = orientation.to_canonical(array), orientation.to_canonical(coarse > 0)
+    liver = np.flatnonzero(mask.reshape(len(mask), -1).any(1))
+    picked = liver[max(0, len(liver) // 2 - count // 2):][:count]
+    encoder_flops, decoder_flops = model_flops(naive)
     for refiner in (naive, fast):  # first-call overheads out of the way
-        refiner.embed([warm], use_cache=False)
-    rows = {"naive": [], "optimised": []}
-    agreement = []
-    for z in picked:
-        image = sr.slice_to_rgb(canon_ct[z])
-        boxes, _ = sr.component_boxes(canon_ref[z], margin=2)
-        masks = {}
+        refiner.embed([sr.slice_to_rgb(ct[picked[0]])], use_cache=False)
+    times = {"naive": [0.0, 0.0], "optimised": [0.0, 0.0]}
+    boxes_total, differing = 0, 0
+    for start in range(0, len(picked), batch):
+        chunk = picked[start:start + batch]
+        images = [sr.slice_to_rgb(ct[z]) for z in chunk]
+        boxes = [sr.component_boxes(mask[z])[0] for z in chunk]
+        boxes_total += sum(len(b) for b in boxes)
+        results = {}
         for label, refiner in (("naive", naive), ("optimised", fast)):
-            start = time.perf_counter()
-            embedding = refiner.embed([image], use_cache=False)[0]
-            encoder = time.perf_counter() - start
-            start = time.perf_counter()
-            if label == "naive":
-                parts = [refiner.decode(embedding, box[None])[0] for box in boxes]
-                masks[label] = np.concatenate(parts).any(0)
+            began = time.perf_counter()
+            embeddings = (refiner.embed(images, use_cache=False) if label == "optimised"
+                          else [refiner.embed([image], use_cache=False)[0] for image in images])
+            middle = time.perf_counter()
+            if label == "naive":  # one decoder call per box
+                masks = [np.concatenate([refiner.decode(e, box[None])[0] for box in b]) for e, b in
+                         zip(embeddings, boxes, strict=True)]
             else:
-                masks[label] = refiner.decode(embedding, boxes)[0].any(0)
-            decoder = time.perf_counter() - start
-            rows[label].append((encoder, decoder, len(boxes)))
-        agreement.append(dice(masks["naive"], masks["optimised"]))
-    print(f"\n1. per liver slice, totalseg_dcm 512x512, {len(picked)} slices, "
-          f"{sum(r[2] for r in rows['naive'])} boxes (interleaved naive / optimised)")
-    print(f"   {'path':<10} {'encoder s':>10} {'decoder s/box':>14} {'slice s':>8}")
+                masks = [refiner.decode(e, b)[0] for e, b in zip(embeddings, boxes, strict=True)]
+            times[label][0] += middle - began
+            times[label][1] += time.perf_counter() - middle
+            results[label] = masks
+        differing += sum(int(np.count_nonzero(a != b)) for a, b in zip(results["naive"], results["optimised"],
+                                                                       strict=True))
+    n = len(picked)
+    print(f"\n1. per liver slice, ircad01 512x512, {n} slices, {boxes_total} boxes, interleaved; "
+          f"optimised: encoder batch {batch}, precision {fast.precision}")
+    print(f"   model: encoder {encoder_flops / 1e9:.1f} GFLOP per slice (TinyViT at 256x256, stage 1 at full "
+          f"256x256 resolution), decoder {decoder_flops / 1e9:.2f} GFLOP per box; fp32 matmul peak "
+          f"{peak:.0f} GFLOP/s ({torch.get_num_threads()} threads)")
+    print(f"   {'path':<10} {'encoder s':>10} {'decoder s':>10} {'slice s':>8} {'GFLOP/s':>8} {'of peak':>8}")
     totals = {}
-    for label, values in rows.items():
-        enc = np.mean([v[0] for v in values])
-        dec = np.sum([v[1] for v in values]) / max(1, sum(v[2] for v in values))
-        per_slice = np.mean([v[0] + v[1] for v in values])
-        totals[label] = per_slice
-        print(f"   {label:<10} {enc:>10.3f} {dec:>14.3f} {per_slice:>8.3f}")
-    print(f"   speed-up {totals['naive'] / totals['optimised']:.2f}x; mask agreement naive vs optimised: "
-          f"mean 2D Dice {np.mean(agreement):.4f} (min {np.min(agreement):.4f})")
+    for label, (encoder, decoder) in times.items():
+        slice_s = (encoder + decoder) / n
+        totals[label] = slice_s
+        rate = (encoder_flops * n + decoder_flops * boxes_total) / (encoder + decoder) / 1e9
+        print(f"   {label:<10} {encoder / n:>10.3f} {decoder / n:>10.3f} {slice_s:>8.3f} {rate:>8.1f} "
+              f"{rate / peak:>8.0%}")
+    floor = encoder_flops / peak / 1e9
+    print(f"   ratio naive/optimised {totals['naive'] / totals['optimised']:.2f}x; masks differ in {differing} "
+          f"pixels; the encoder alone at the fp32 matmul peak would take {floor:.2f} s per slice")
 
 
-def end_to_end(root: Path, coarse_kinds: list[str], block_mm: float) -> None:
+def whole_volume(array: np.ndarray, matrix: np.ndarray, coarse: np.ndarray, batch: int) -> None:
+    refiner = sr.build_refiner("litemedsam", device="cpu", encoder_batch=batch, cache_bytes=0)  # as the CLI
+    result = sr.refine_volume(array, matrix, coarse, refiner)
+    refined = max(1, sum(1 for s in result.slices if s.boxes))
+    print(f"\n2. refine_volume over the coarse mask (as `polycl segment --refine litemedsam`): {refined} slices "
+          f"in {result.seconds:.1f} s = {result.seconds / refined:.3f} s per slice; encoder "
+          f"{refiner.timings['encoder_s'] / refined:.3f} s, decoder {refiner.timings['decoder_s'] / refined:.3f} s "
+          f"per slice; {sum(s.fallbacks for s in result.slices)} boxes kept the coarse mask; "
+          f"peak RSS so far {peak_rss_mb():.0f} MB", flush=True)
+
+
+def labelled_cases(root: Path, block_mm: float) -> None:
     refiner = sr.build_refiner("litemedsam", device="cpu")
-    segmenter = None
-    print(f"\n2. end-to-end refine_volume (LiteMedSAM, optimised, precision {refiner.precision})")
-    print(f"   {'case':<13} {'coarse':<7} {'slices':>6} {'s/slice':>8} {'again s':>8} {'Dice coarse':>11} "
-          f"{'Dice refined':>12} {'fallbacks':>9} {'worst slice (Dice)':>19}")
+    print(f"\n3. Dice on the labelled cases (reference block-coarsened to {block_mm:g} mm)")
+    print(f"   {'case':<13} {'slices':>6} {'s/slice':>8} {'Dice coarse':>11} {'Dice refined':>12}")
     for case in CASES:
         ct = read_volume(root / "labeled" / f"{case}_ct.nii.gz")
         reference = read_mask(root / "labeled" / f"{case}_liver.nii.gz", ct).array
-        for kind in coarse_kinds:
-            if kind == "block":
-                coarse = block_coarsen(reference, ct.ijk_to_ras, block_mm)
-            else:
-                from polycl.inference import Segmenter
+        coarse = block_coarsen(reference, ct.ijk_to_ras, block_mm)
+        result = sr.refine_volume(ct.array, ct.ijk_to_ras, coarse, refiner)
+        refined = max(1, sum(1 for s in result.slices if s.boxes))
+        print(f"   {case:<13} {refined:>6} {result.seconds / refined:>8.3f} {dice(coarse, reference):>11.4f} "
+              f"{dice(result.mask, reference):>12.4f}", flush=True)
 
-                segmenter = segmenter or Segmenter.from_checkpoint(None, "cpu")
-                coarse = segmenter.segment(ct.array, ct.ijk_to_ras).mask
-            refiner.cache.clear()
-            result = sr.refine_volume(ct.array, ct.ijk_to_ras, coarse, refiner)
-            again = sr.refine_volume(ct.array, ct.ijk_to_ras, coarse, refiner)
-            assert again.cache_misses == 0
-            refined_slices = max(1, sum(1 for s in result.slices if s.boxes))
-            worst = result.worst(1, max_dice=1.0)
-            worst_text = f"{worst[0].index} ({worst[0].dice:.2f})" if worst else "-"
-            print(f"   {case:<13} {kind:<7} {refined_slices:>6} {result.seconds / refined_slices:>8.3f} "
-                  f"{again.seconds:>8.2f} {dice(coarse, reference):>11.4f} {dice(result.mask, reference):>12.4f} "
-                  f"{sum(s.fallbacks for s in result.slices):>9} {worst_text:>19}", flush=True)
-    print(f"   peak RSS {peak_rss_mb():.0f} MB; cache {len(refiner.cache)} embeddings, "
-          f"{refiner.cache.nbytes / 2**20:.0f} MB")
+
+def segment_rss(root: Path) -> None:
+    big = read_volume(root / "unlabeled" / "ircad01_ct.nii.gz")
+    count = big.array.shape[2]
+    index = np.round(np.linspace(0, count - 1, 300)).astype(int)
+    matrix = big.ijk_to_ras.copy()
+    matrix[:3, 2] *= (count - 1) / 299
+    with tempfile.TemporaryDirectory(prefix="polycl-refine-bench-") as work:
+        path = Path(work) / "ct300.nii.gz"
+        write_volume(path, np.ascontiguousarray(big.array[:, :, index]), matrix)
+        del big
+        seconds, rss = run_cli(["segment", str(path), "-o", str(Path(work) / "liver.nii.gz"), "--refine",
+                                "litemedsam", "--device", "cpu"])
+    print(f"\n4. `polycl segment --refine litemedsam` on 512x512x300 (ircad01 resampled along z): "
+          f"{seconds:.1f} s, peak RSS {rss:.0f} MB (goal <= 2560 MB)")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", help="shared data folder (default $POLYCL_DATA or ../shared/data)")
-    parser.add_argument("--slices", type=int, default=4, help="slices for the naive/optimised timing")
-    parser.add_argument("--coarse", nargs="+", default=["block", "polycl"], choices=["block", "polycl"])
-    parser.add_argument("--block-mm", type=float, default=12.0, help="block size of the coarsened mask")
+    parser.add_argument("--slices", type=int, default=6, help="slices for the naive/optimised timing")
+    parser.add_argument("--batch", type=int, default=sr.SamRefiner.DEFAULT_ENCODER_BATCH,
+                        help="encoder batch of the optimised path")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
-    parser.add_argument("--skip-micro", action="store_true")
+    parser.add_argument("--skip-volume", action="store_true", help="skip section 2 (whole liver extent)")
+    parser.add_argument("--cases", action="store_true", help="also section 3 (Dice on the labelled cases)")
+    parser.add_argument("--block-mm", type=float, default=12.0, help="block size of the coarsened mask")
+    parser.add_argument("--segment-rss", action="store_true", help="also section 4 (512x512x300 CLI run)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     root = data_root(args.data)
     print("machine:", machine())
-    if not args.skip_micro:
-        ct = read_volume(root / "labeled" / "totalseg_dcm_ct.nii.gz")
-        reference = read_mask(root / "labeled" / "totalseg_dcm_liver.nii.gz", ct).array
-        micro(ct.array, reference, ct.ijk_to_ras, args.slices)
-        print(f"   peak RSS so far {peak_rss_mb():.0f} MB")
-    end_to_end(root, args.coarse, args.block_mm)
+    peak = matmul_peak(torch.float32)
+    array, matrix, coarse = coarse_ircad(root)
+    per_slice(array, matrix, coarse, args.slices, args.batch, peak)
+    if not args.skip_volume:
+        whole_volume(array, matrix, coarse, args.batch)
+    if args.cases:
+        labelled_cases(root, args.block_mm)
+    if args.segment_rss:
+        segment_rss(root)
+    print(f"\nload average at the end: {' '.join(f'{v:.1f}' for v in os.getloadavg())}")
 
 
 if __name__ == "__main__":
