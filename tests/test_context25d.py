@@ -3,6 +3,8 @@ checkpoint card checks, sparse finetuning, CLI; and the single-slice U-Net's out
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -261,6 +263,8 @@ def test_train_slices_keep_true_neighbours_and_are_checked(tmp_path, single_torc
     assert result.card["data"]["slices"] == 2 and result.card["recipe"]["train_slices"] == [[2, 5]]
     with pytest.raises(ValueError, match="1 lists of training slices for 2 scans"):
         finetune([(ct, label), shifted_case(8)], tmp_path / "n.safetensors", config)
+    with pytest.raises(ValueError, match="do not combine it with middle_fraction"):
+        finetune([(ct, label)], tmp_path / "n.safetensors", replace(config, middle_fraction=0.3))
     assert not (tmp_path / "n.safetensors").exists()
 
 

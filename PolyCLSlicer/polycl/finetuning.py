@@ -255,6 +255,8 @@ def finetune(pairs: list[tuple[Volume, Volume]], output: str | os.PathLike, conf
         raise ValueError(f"unknown slice mode {config.slices!r}; use 'all' or 'annotated'")
     elif config.empty_slices:
         raise ValueError("empty slices only apply to sparse finetuning (slices='annotated')")
+    elif config.train_slices is not None and config.middle_fraction:
+        raise ValueError("train_slices lists the slices to train on; do not combine it with middle_fraction")
     else:
         data = slices_from_pairs(pairs, config.input_size, config.middle_fraction, keep=config.train_slices,
                                  context=context_slices(model))
