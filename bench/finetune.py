@@ -143,12 +143,12 @@ def main() -> int:
           f"bf16 {peak16:.0f} GFLOP/s (native bf16: {cpu_supports_bf16()}); "
           f"epoch at the fp32 peak: {flops / peak32 / 1e9:.2f} s")
 
-    def line(name: str, times: list[tuple], baseline: float | None, peak: float, label: str) -> float:
+    def line(name: str, times: list[tuple], baseline: tuple | None, peak: float, label: str) -> tuple:
         wall, cpu = summary(times, skip_first=True)
-        ratio = f"{baseline / wall:5.2f}x vs naive" if baseline else "baseline"
+        ratio = f"{baseline[0] / wall:5.2f}x (CPU {baseline[1] / cpu:4.2f}x) vs naive" if baseline else "baseline"
         print(f"   {name:34s} {wall:6.2f} s/epoch  CPU {cpu:6.2f} s  {flops / wall / 1e9:6.1f} GFLOP/s "
               f"({flops / wall / 1e9 / peak:4.0%} of {label} peak)  {ratio}  load {os.getloadavg()[0]:.1f}")
-        return wall
+        return wall, cpu
 
     work = Path(tempfile.mkdtemp(prefix="polycl-bench-finetune-"))
     print(f"\nepoch time, median of epochs 2..{args.epochs} (wall; CPU = process CPU seconds, all threads)")
