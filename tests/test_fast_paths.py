@@ -64,6 +64,42 @@ def test_segment_without_probability_gives_the_reference_mask_on_real_ct(labeled
         np.testing.assert_array_equal(fast.mask, scipy_largest_component(binary) if largest else binary)
 
 
+@pytest.mark.parametrize("affine", [False, True])
+def test_group_norm_instance_norm_equals_torchs_kernel_forward_and_backward(affine):
+    """polycl's InstanceNorm2d (one GroupNorm group per channel) is nn.InstanceNorm2d up to float rounding,
+    gradients included, with the same state_dict keys (the authors' checkpoints keep loading)."""
+    from polycl.models import InstanceNorm2d
+
+    torch.manual_seed(0)
+    fast, reference = InstanceNorm2d(8, affine=affine), torch.nn.InstanceNorm2d(8, affine=affine)
+    if affine:
+        with torch.no_grad():
+            fast.weight.uniform_(0.5, 2.0)
+            fast.bias.uniform_(-1.0, 1.0)
+        reference.load_state_dict(fast.state_dict())
+    assert fast.state_dict().keys() == reference.state_dict().keys()
+    x = (torch.randn(3, 8, 17, 23) * 5 + 3).requires_grad_()
+    out_fast, out_reference = fast(x), reference(x)
+    torch.testing.assert_close(out_fast, out_reference, atol=1e-5, rtol=0)
+    grad = torch.randn_like(out_fast)
+    torch.testing.assert_close(torch.autograd.grad(out_fast, x, grad)[0],
+                               torch.autograd.grad(out_reference, x, grad)[0], atol=1e-5, rtol=0)
+
+
+def test_group_norm_instance_norm_gives_torchs_masks_on_real_ct(labeled_case, single_torch_thread, monkeypatch):
+    """The starter model on a 512x512 CT: the same mask voxel for voxel as with torch's instance_norm."""
+    from polycl.models import InstanceNorm2d
+
+    ct, _ = labeled_case("totalseg_dcm")
+    segmenter = Segmenter.from_checkpoint(None, "cpu", precision="fp32")
+    fast = segmenter.segment(ct.array, ct.ijk_to_ras, largest_component=False, probability=True)
+    monkeypatch.setattr(InstanceNorm2d, "forward", torch.nn.InstanceNorm2d.forward)
+    reference = segmenter.segment(ct.array, ct.ijk_to_ras, largest_component=False, probability=True)
+    assert reference.mask.sum() > 10000
+    np.testing.assert_array_equal(fast.mask, reference.mask)
+    np.testing.assert_allclose(fast.probability, reference.probability, atol=1e-4)
+
+
 def test_batched_warp_keeps_the_per_sample_contract():
     """Identity warp is the identity; masks stay binary and aligned with the image; one warp of a batch equals
     warping each sample alone; image channels (2.5D) move together."""
