@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import resource
@@ -14,6 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "PolyCLSlicer"))
 
 from polycl.devices import cpu_supports_bf16  # noqa: E402
+from polycl.models import InstanceNorm2d  # noqa: E402
 
 CASES = ("totalseg_sm", "totalseg_dcm", "dcmqi_3slice")
 
@@ -44,3 +46,14 @@ def data_root(arg: str | os.PathLike | None = None) -> Path:
         if candidate and Path(candidate).is_dir():
             return Path(candidate)
     sys.exit("real CT data not found: pass --data or set POLYCL_DATA")
+
+
+@contextlib.contextmanager
+def torch_instance_norm():
+    """The network as before issue 12: torch's instance_norm kernel instead of polycl's GroupNorm form."""
+    fast = InstanceNorm2d.forward
+    InstanceNorm2d.forward = torch.nn.InstanceNorm2d.forward
+    try:
+        yield
+    finally:
+        InstanceNorm2d.forward = fast

@@ -20,7 +20,6 @@ Wall seconds depend on other load (printed): compare ratios within one run; CPU 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import statistics
 import sys
@@ -33,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import data_root, machine, peak_rss_mb  # noqa: E402  (also puts polycl on sys.path)
+from common import data_root, machine, peak_rss_mb, torch_instance_norm  # noqa: E402  (also puts polycl on sys.path)
 from inference import cut_119, matmul_peak  # noqa: E402
 
 from polycl.checkpoints import STARTER_CHECKPOINT, load_checkpoint  # noqa: E402
@@ -41,7 +40,6 @@ from polycl.devices import cpu_supports_bf16  # noqa: E402
 from polycl.finetuning import FinetuneConfig, finetune, slices_from_pairs, soft_dice_loss  # noqa: E402
 from polycl.inference import Segmenter  # noqa: E402
 from polycl.io import Volume  # noqa: E402
-from polycl.models import InstanceNorm2d  # noqa: E402
 from polycl.training import batches_of, make_optimizer, num_batches  # noqa: E402
 
 BATCH = 10
@@ -73,17 +71,6 @@ def naive_augment(image: torch.Tensor, mask: torch.Tensor, generator: torch.Gene
     image = F.grid_sample(image[None], grid, align_corners=False)[0]
     mask = (F.grid_sample(mask[None], grid, align_corners=False)[0] > 0.5).float()
     return (image * uniform(0.9, 1.1) + uniform(-0.05, 0.05)).clamp(0, 1), mask
-
-
-@contextlib.contextmanager
-def torch_instance_norm():
-    """The network as before issue 12: torch's instance_norm kernel instead of polycl's GroupNorm form."""
-    fast = InstanceNorm2d.forward
-    InstanceNorm2d.forward = torch.nn.InstanceNorm2d.forward
-    try:
-        yield
-    finally:
-        InstanceNorm2d.forward = fast
 
 
 def naive_epochs(model: torch.nn.Module, images: torch.Tensor, masks: torch.Tensor, epochs: int) -> list[tuple]:

@@ -7,7 +7,8 @@ Measures, in one run on this machine:
      time, CPU time, peak RSS and the step laps, on the largest labelled case and on a 512x512x119 CT cut
      from ircad01: the package before issue 12 (``git archive`` of --baseline-commit) and now, alternated;
      then now with ``--probability`` (the float map written too);
-  2. the network alone on the 119-slice volume: naive eager per-slice fp32 loop (baseline) vs the
+  2. the network alone on the 119-slice volume: naive eager per-slice fp32 loop with torch's
+     instance_norm kernel (baseline), the batched path with that kernel, and the
      shipped path (batched, inference_mode, bf16 autocast where the CPU has native bf16);
   3. achieved GFLOP/s of both vs a matmul peak (fp32 and bf16) measured in the same run.
 With ``--backbones [--size PX]`` instead: the shipped path for U-Net, ResU-Net and TransUNet (random
@@ -18,6 +19,7 @@ Figures depend on the machine and on other load: compare ratios within one run.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -30,7 +32,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, machine  # noqa: E402  (also puts polycl on sys.path)
+from common import ROOT, machine, torch_instance_norm  # noqa: E402  (also puts polycl on sys.path)
 
 from polycl.checkpoints import STARTER_CHECKPOINT, default_card, load_checkpoint, save_model  # noqa: E402
 from polycl.inference import Segmenter  # noqa: E402
@@ -138,20 +140,23 @@ def compare_network_paths(label: str, model: torch.nn.Module, card: dict, slices
     size = card["input_size"]
     flops = network_flops(model, size) * len(slices)
     print(f"\n3. network alone, {label}: {len(slices)} slices ({flops / 1e9:.0f} GFLOP)")
-    naive = naive_per_slice(model, slices, size)
+    with torch_instance_norm():
+        naive = naive_per_slice(model, slices, size)
     print(f"   naive eager per-slice fp32     {naive:6.2f} s  {flops / naive / 1e9:6.1f} GFLOP/s "
           f"({flops / naive / 1e9 / peak32:4.0%} of fp32 peak)  baseline")
-    for precision, batch_size in (("fp32", 16), ("auto", 4), ("auto", 16)):
+    for precision, batch_size, norm in (("fp32", 16, "torch"), ("fp32", 16, "group"), ("auto", 4, "group"),
+                                        ("auto", 16, "group")):
         segmenter = Segmenter(model, card, device="cpu", precision=precision)
-        segmenter.predict_slices(slices[:batch_size], batch_size=batch_size)  # warm-up (oneDNN primitives)
-        started = time.perf_counter()
-        segmenter.predict_slices(slices, batch_size=batch_size)
-        seconds = time.perf_counter() - started
+        with torch_instance_norm() if norm == "torch" else contextlib.nullcontext():
+            segmenter.predict_slices(slices[:batch_size], batch_size=batch_size)  # warm-up (oneDNN primitives)
+            started = time.perf_counter()
+            segmenter.predict_slices(slices, batch_size=batch_size)
+            seconds = time.perf_counter() - started
         dtype = segmenter.precision
         peak = peak16 if dtype == "bf16" else peak32
         print(f"   batched {batch_size:2d} {precision:4s} ({dtype:8s})   {seconds:6.2f} s  "
               f"{flops / seconds / 1e9:6.1f} GFLOP/s ({flops / seconds / 1e9 / peak:4.0%} of {dtype} peak)  "
-              f"{naive / seconds:4.2f}x vs naive")
+              f"{naive / seconds:4.2f}x vs naive" + ("  (torch's instance_norm kernel)" if norm == "torch" else ""))
 
 
 def compare_backbones(slices: np.ndarray, size: int = 128, repeats: int = 1) -> None:
