@@ -12,6 +12,8 @@ from pathlib import Path
 TRAINING_SET = "training-set fit (scans the model was trained on; not a measure of accuracy on new scans)"
 VALIDATION = "validation (held-out scans of the same run)"
 HELD_OUT = "held-out (cases never used for training)"
+RECIPE_LOO = ("leave-one-case-out of the recipe (one model retrained without each case, scored on it; "
+              "these weights were trained on all of them)")
 
 
 def metric_source(key: str) -> str:
@@ -21,7 +23,9 @@ def metric_source(key: str) -> str:
         return TRAINING_SET
     if key.startswith("val_"):
         return VALIDATION
-    if key.startswith(("held_out", "heldout", "test_", "leave_one_out", "loo_")):
+    if key.startswith(("leave_one_case_out", "leave_one_out", "loo_")):
+        return RECIPE_LOO
+    if key.startswith(("held_out", "heldout", "test_")):
         return HELD_OUT
     return ""
 
@@ -31,6 +35,8 @@ def _format_value(value: object) -> str:
         return ", ".join(f"{name} {_format_value(v)}" for name, v in value.items())
     if isinstance(value, float):
         return f"{value:.3f}"
+    if isinstance(value, list) and value and all(isinstance(item, dict) for item in value):
+        return "; ".join(_format_value(item) for item in value)
     return str(value)
 
 
@@ -39,11 +45,11 @@ def _metric_lines(metrics: dict) -> list[str]:
     for key, value in metrics.items():
         groups.setdefault(metric_source(key), []).append(f"{key}: {_format_value(value)}")
     lines = []
-    for source in (HELD_OUT, VALIDATION, TRAINING_SET, ""):
+    for source in (HELD_OUT, VALIDATION, RECIPE_LOO, TRAINING_SET, ""):
         if source in groups:
             lines.append(f"    {source or 'other'}:")
             lines += [f"      {line}" for line in groups[source]]
-    if TRAINING_SET in groups and HELD_OUT not in groups and VALIDATION not in groups:
+    if TRAINING_SET in groups and not {HELD_OUT, VALIDATION, RECIPE_LOO} & groups.keys():
         lines.append("    (no held-out figures in this card: expect lower Dice on scans unlike the training data)")
     return lines
 
