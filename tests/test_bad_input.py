@@ -572,15 +572,22 @@ def _interrupt_when(argv: list[str], ready, cwd: Path, timeout: float = 120) -> 
     process = subprocess.Popen([sys.executable, "-m", "polycl.cli", *map(str, argv)], cwd=cwd, env=env,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     chunks: list[bytes] = []
-    reader = threading.Thread(target=lambda: chunks.extend(iter(lambda: process.stderr.read(1), b"")), daemon=True)
+    descriptor = process.stderr.fileno()
+    reader = threading.Thread(target=lambda: chunks.extend(iter(lambda: os.read(descriptor, 65536), b"")),
+                              daemon=True)
     reader.start()
     deadline = time.monotonic() + timeout
-    while not ready(b"".join(chunks).decode(errors="replace")):
-        assert process.poll() is None, f"finished before it could be interrupted: {b''.join(chunks).decode()}"
-        assert time.monotonic() < deadline, "never became ready"
-        time.sleep(0.05)
-    process.send_signal(signal.SIGINT)
-    code = process.wait(timeout=60)
+    try:
+        while not ready(b"".join(chunks).decode(errors="replace")):
+            assert process.poll() is None, f"finished before it could be interrupted: {b''.join(chunks).decode()}"
+            assert time.monotonic() < deadline, f"never became ready: {b''.join(chunks).decode()[-2000:]}"
+            time.sleep(0.05)
+        process.send_signal(signal.SIGINT)
+        code = process.wait(timeout=60)
+    finally:
+        if process.poll() is None:  # a failed test leaves no run going (and writing) behind
+            process.kill()
+            process.wait()
     reader.join(timeout=10)
     return code, b"".join(chunks).decode(errors="replace")
 
