@@ -569,8 +569,11 @@ def test_output_onto_full_disk(name, full_disk, tmp_path, capfd, base, tiny):
 def _interrupt_when(argv: list[str], ready, cwd: Path, timeout: float = 120) -> tuple[int, str]:
     """Run the CLI in a subprocess; send SIGINT once ``ready(stderr_so_far)``; return (code, stderr)."""
     env = dict(os.environ, PYTHONPATH=str(ROOT / "PolyCLSlicer"), OMP_NUM_THREADS="1")
+    # a shell's background job (`cmd &`, as CI runners may start the suite) ignores SIGINT and its children
+    # inherit that; the child gets the default disposition back, as in a terminal
     process = subprocess.Popen([sys.executable, "-m", "polycl.cli", *map(str, argv)], cwd=cwd, env=env,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     chunks: list[bytes] = []
     descriptor = process.stderr.fileno()
     reader = threading.Thread(target=lambda: chunks.extend(iter(lambda: os.read(descriptor, 65536), b"")),
