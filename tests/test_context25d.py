@@ -229,6 +229,9 @@ def test_cli_finetune_and_info_with_the_25d_architecture(tmp_path, capsys, singl
     assert main(["info", str(output)]) == 0
     text = capsys.readouterr().out
     assert "architecture polycl_unet25d" in text and "2.5D: 5 adjacent axial slices" in text
+    from PolyCLSlicerLib import core  # the Slicer panel's card summary (read without torch)
+    assert "2.5D: 5 adjacent axial slices" in core.describe_card(core.read_card_header(output))
+    assert "2.5D" not in core.describe_card(core.read_card_header(core.starter_checkpoint()))
     widened = tmp_path / "from_starter.safetensors"  # the bundled 2D starter initialises a 2.5D model
     assert main([*common[:5], "-o", str(widened), "--epochs", "1", "--val-fraction", "0", "--init", "starter",
                  "--architecture", "polycl_unet25d"]) == 0

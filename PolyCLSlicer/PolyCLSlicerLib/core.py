@@ -38,6 +38,9 @@ def describe_card(card: dict) -> str:
     lines = [f"{card.get('architecture', '?')} ({card.get('kind', '?')}), input {card.get('input_size', '?')} px"]
     if args:
         lines.append("args: " + ", ".join(f"{k}={v}" for k, v in sorted(args.items())))
+    context = int(card.get("context_slices") or 1)
+    if context > 1:
+        lines.append(f"2.5D: {context} adjacent axial slices per input (predicts the centre slice)")
     window = card.get("window") or {}
     if window:
         lines.append(f"window: center {window.get('center')} HU, width {window.get('width')} HU")
