@@ -66,7 +66,9 @@ def train_folds(args: argparse.Namespace, extra: list[str]) -> dict[str, float |
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # no abbreviations: ``--init`` must reach train_starter.py, not be taken as ``--init-folds``
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)
     parser.add_argument("--data", default=None)
     parser.add_argument("--recipe", default="pseudo", choices=["labelled", "negatives", "pseudo"])
     parser.add_argument("--pseudo", type=Path, help="bench/pseudo_labels.py output (recipe pseudo)")
