@@ -88,10 +88,11 @@ def strided_pair(ct: Volume, label: Volume | None, first: int, last: int, stride
 
 
 def training_pairs(data: Path, recipe: str, pseudo: Path | None, exclude: str | None, flags: dict,
-                   negative_stride: int = NEGATIVE_STRIDE, context: bool = False
+                   negative_stride: int = NEGATIVE_STRIDE, context: bool = False, positive_repeat: int = 1
                    ) -> tuple[list[tuple[Volume, Volume]], list[str], list[list[int]] | None]:
     """(CT, mask) pairs of one recipe, a one-line description of each, and (2.5D) the canonical slices to
-    train on per pair (None: every slice of every pair)."""
+    train on per pair (None: every slice of every pair).  ``positive_repeat`` lists every scan with a
+    liver label that many times (class balance against the liver-free slices)."""
     skip = {exclude, *SAME_PATIENT.get(exclude, ())} if exclude else set()
     pairs, notes, keep = [], [], []
     labelled = [case for case in LABELLED if case not in skip]
@@ -101,9 +102,9 @@ def training_pairs(data: Path, recipe: str, pseudo: Path | None, exclude: str | 
         labelled = [case for case in labelled if case != "totalseg_sm"]  # replaced by the whole scan
     for case in labelled:
         ct = read_volume(data / "labeled" / f"{case}_ct.nii.gz")
-        pairs.append((ct, read_mask(data / "labeled" / f"{case}_liver.nii.gz", ct)))
-        keep.append(list(range(num_slices(ct))))
-        notes.append(f"{case}: labelled, {num_slices(ct)} slices")
+        pairs += [(ct, read_mask(data / "labeled" / f"{case}_liver.nii.gz", ct))] * positive_repeat
+        keep += [list(range(num_slices(ct)))] * positive_repeat
+        notes.append(f"{case}: labelled, {num_slices(ct)} slices" + _repeated(positive_repeat))
     if recipe == "labelled":
         return pairs, notes, keep if context else None
     for case, file in UNLABELLED_FILES.items():
@@ -113,9 +114,10 @@ def training_pairs(data: Path, recipe: str, pseudo: Path | None, exclude: str | 
         if recipe == "pseudo" and (pseudo / f"{case}_liver.nii.gz").is_file():
             label = read_mask(pseudo / f"{case}_liver.nii.gz", ct)
             pair, slices = strided_pair(ct, label, 0, num_slices(ct) - 1, WHOLE_SCAN_STRIDE, context)
-            pairs.append(pair)
-            keep.append(slices)
-            notes.append(f"{case}: whole scan, pseudo-label, every {WHOLE_SCAN_STRIDE}. slice")
+            pairs += [pair] * positive_repeat
+            keep += [slices] * positive_repeat
+            notes.append(f"{case}: whole scan, pseudo-label, every {WHOLE_SCAN_STRIDE}. slice"
+                         + _repeated(positive_repeat))
             continue
         for first, last in flags[case]["absent"]:
             pair, slices = strided_pair(ct, None, first, last, negative_stride, context)
@@ -124,6 +126,10 @@ def training_pairs(data: Path, recipe: str, pseudo: Path | None, exclude: str | 
             notes.append(f"{case}: canonical slices {first}-{last} (liver-free), every {negative_stride}. slice, "
                          "empty mask")
     return pairs, notes, keep if context else None
+
+
+def _repeated(times: int) -> str:
+    return f", listed {times}x" if times > 1 else ""
 
 
 def main() -> int:
@@ -147,6 +153,8 @@ def main() -> int:
     parser.add_argument("--augment-intensity", type=float, default=0.05, help="offset range, window units")
     parser.add_argument("--augment-noise", type=float, default=0.0, help="max noise sd, window units")
     parser.add_argument("--negative-stride", type=int, default=NEGATIVE_STRIDE, help="every k-th liver-free slice")
+    parser.add_argument("--positive-repeat", type=int, default=1,
+                        help="list each scan with a liver label k times per epoch (against the liver-free slices)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -156,7 +164,7 @@ def main() -> int:
     print(machine(), flush=True)
     context = args.architecture == "polycl_unet25d"
     pairs, notes, keep = training_pairs(data, args.recipe, args.pseudo, args.exclude, flags, args.negative_stride,
-                                        context)
+                                        context, args.positive_repeat)
     slices = sum(len(k) for k in keep) if keep else sum(num_slices(ct) for ct, _ in pairs)
     print("\n".join(notes), f"\n{slices} slices", flush=True)
     architecture_args = {"dropout": args.dropout}
