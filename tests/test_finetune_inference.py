@@ -138,3 +138,29 @@ def test_largest_component_and_device_resolution():
     if not torch.cuda.is_available():
         with pytest.raises(RuntimeError, match="no CUDA"):
             resolve_device("cuda")
+
+
+def test_organ_contrast_augmentation_shifts_the_liver_and_not_its_neighbours():
+    """Contrast phases change the liver's brightness, not the whole image's: with ``organ`` > 0 the
+    liver-minus-surroundings contrast varies between samples; without it, gain and offset move both alike."""
+    from polycl.finetuning import augment_batch, organ_contrast
+
+    images = torch.full((64, 1, 64, 64), 0.5)
+    masks = torch.zeros(64, 1, 64, 64)
+    masks[:, :, 24:40, 24:40] = 1
+    shifted = organ_contrast(images[:2], masks[:2], torch.tensor([0.1, -0.2]))
+    assert torch.allclose(shifted[:, 0, 28:36, 28:36], torch.tensor([0.6, 0.3])[:, None, None])
+    assert torch.equal(shifted[:, :, :22], images[:2, :, :22]) and torch.equal(shifted[:, :, 42:], images[:2, :, 42:])
+    centre = torch.linspace(-1, 1, 64).abs() < 0.7
+    central = (centre[:, None] & centre[None, :])  # never reaches the warp's zero padding (scale, shift, rotation)
+
+    def liver_contrast(organ: float) -> torch.Tensor:
+        out, warped = augment_batch(images, masks, torch.Generator().manual_seed(0), organ=organ)
+        inner = torch.nn.functional.max_pool2d(-warped, 5, 1, 2) < 0  # 2 px inside the label border
+        outer = (torch.nn.functional.max_pool2d(warped, 5, 1, 2) == 0) & central  # 2 px outside it
+        return torch.stack([out[k][inner[k]].mean() - out[k][outer[k]].mean() for k in range(len(out))])
+
+    assert liver_contrast(0.0).abs().max() < 1e-3  # bilinear rounding at the rim of the central region
+    spread = liver_contrast(0.15)
+    assert spread.abs().max() > 0.1 and spread.min() < -0.05 < 0.05 < spread.max()
+    assert spread.abs().max() <= 0.15 * 1.1 + 1e-5  # the offset range times the largest gain

@@ -67,6 +67,9 @@ class FinetuneConfig:
     # Unlike cropping the volume, a 2.5D network still sees the kept slices' true neighbours.
     augment_intensity: float = 0.05  # intensity offset range (window units) of the augmentation
     augment_noise: float = 0.0  # maximum Gaussian noise standard deviation (window units)
+    # liver-only offset range (window units; 0.15 = ±60 HU at W400): the liver's enhancement differs by
+    # contrast phase (non-contrast ~50 HU, portal ~100 HU) while a global offset shifts every tissue alike
+    augment_organ_contrast: float = 0.0
     precision: str = "auto"  # forward/backward: bf16 autocast where the device runs bf16 natively, else fp32
 
 
@@ -170,10 +173,19 @@ def warp_batch(images: torch.Tensor, masks: torch.Tensor, theta: torch.Tensor) -
     return both[:, :channels], (both[:, channels:] > 0.5).to(masks.dtype)
 
 
+def organ_contrast(images: torch.Tensor, masks: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """Add each sample's offset (window units) inside its organ mask, as a contrast phase changes the organ's
+    enhancement and not its neighbours'.  The mask is softened over 3 px (a 3x3 box filter) so the change
+    does not draw a step exactly on the label border; every input channel (2.5D neighbours) gets it."""
+    soft = F.avg_pool2d(masks.to(images.dtype), 3, stride=1, padding=1, count_include_pad=False)
+    return images + offsets[:, None, None, None] * soft
+
+
 def augment_batch(images: torch.Tensor, masks: torch.Tensor, generator: torch.Generator, intensity: float = 0.05,
-                  noise: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+                  noise: float = 0.0, organ: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Random rotation (±15°), scale (0.85-1.15), shift (±8 %), gain (0.9-1.1), offset (±intensity in window
-    units; 0.05 = ±20 HU at W400) and Gaussian noise of standard deviation up to ``noise``."""
+    units; 0.05 = ±20 HU at W400), Gaussian noise of standard deviation up to ``noise`` and, with ``organ``
+    > 0, an offset of ±organ inside the label only (``organ_contrast``)."""
     count = images.shape[0]
 
     def uniform(low: float, high: float) -> torch.Tensor:
@@ -188,6 +200,8 @@ def augment_batch(images: torch.Tensor, masks: torch.Tensor, generator: torch.Ge
     theta[:, 1, 1] = torch.cos(angle) / scale
     theta[:, :, 2] = torch.stack([uniform(-0.08, 0.08), uniform(-0.08, 0.08)], 1)
     images, masks = warp_batch(images, masks, theta.to(images.device))
+    if organ > 0:
+        images = organ_contrast(images, masks, uniform(-organ, organ).to(images.device))
     gain = uniform(0.9, 1.1).to(images.device)[:, None, None, None]
     bias = uniform(-intensity, intensity).to(images.device)[:, None, None, None]
     images = images * gain + bias
@@ -276,8 +290,8 @@ def finetune(pairs: list[tuple[Volume, Volume]], output: str | os.PathLike, conf
         for index in batches_of(np.tile(np.arange(len(train.images)), repeats), config.batch_size, rng):
             index = torch.from_numpy(index).to(device)
             images, masks = train.images[index], train.masks[index]
-            yield (augment_batch(images, masks, generator, config.augment_intensity, config.augment_noise)
-                   if config.augment else (images, masks))
+            yield (augment_batch(images, masks, generator, config.augment_intensity, config.augment_noise,
+                                 config.augment_organ_contrast) if config.augment else (images, masks))
 
     def loss_fn(net: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         with autocast_context(device, config.precision):
