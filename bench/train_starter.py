@@ -154,6 +154,8 @@ def main() -> int:
     parser.add_argument("--augment-noise", type=float, default=0.0, help="max noise sd, window units")
     parser.add_argument("--augment-organ-contrast", type=float, default=0.0,
                         help="liver-only offset range, window units (contrast phases)")
+    parser.add_argument("--field-of-view", type=float, default=0.0,
+                        help="mm square around the body as the input (0: whole slice resized)")
     parser.add_argument("--negative-stride", type=int, default=NEGATIVE_STRIDE, help="every k-th liver-free slice")
     parser.add_argument("--positive-repeat", type=int, default=1,
                         help="list each scan with a liver label k times per epoch (against the liver-free slices)")
@@ -177,7 +179,7 @@ def main() -> int:
                             restart_epochs=args.restart_epochs, val_fraction=0.0, seed=args.seed, device="cpu",
                             bce_weight=args.bce_weight, augment_intensity=args.augment_intensity,
                             augment_noise=args.augment_noise, augment_organ_contrast=args.augment_organ_contrast,
-                            train_slices=keep)
+                            field_of_view_mm=args.field_of_view, train_slices=keep)
     started = time.perf_counter()
     command = "nice -n 10 .venv/bin/python bench/train_starter.py " + shlex.join(sys.argv[1:])
     result = finetune(pairs, args.output, config, init=args.init, overwrite=True,

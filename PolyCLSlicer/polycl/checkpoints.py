@@ -22,6 +22,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .context import card_problem, channel_hint, widen_single_slice_init
+from .field_of_view import check_field_of_view
 from .io import atomic_write
 from .models import SegmentationNet, build_model, check_input_size, convert_reference_state_dict
 
@@ -88,6 +89,10 @@ def validate_card(card: dict) -> None:
         isinstance(window.get(key), (int, float)) and math.isfinite(window[key]) for key in ("center", "width")
     ) or window["width"] <= 0:
         raise CheckpointError(f"model card: window {window!r} needs a finite center and a positive width (HU)")
+    try:
+        check_field_of_view(card.get("field_of_view_mm"))
+    except ValueError as error:
+        raise CheckpointError(f"model card: {error}") from None
     for key in ("input_channels", "context_slices"):  # absent: one slice, one channel (2D checkpoints)
         value = card.get(key, 1)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:

@@ -24,6 +24,7 @@ from . import __version__
 from .checkpoints import default_card, load_pretrained_init, read_checkpoint, save_model
 from .context import card_fields, context_slices, stack_context
 from .devices import autocast_context, configure_precision, place, resolve_device
+from .field_of_view import FieldOfView, check_field_of_view
 from .io import Volume, check_same_grid
 from .models import build_model, check_input_size
 from .preprocessing import CanonicalOrientation, middle_slices, resize_slices, validate_ct, window
@@ -70,6 +71,9 @@ class FinetuneConfig:
     # liver-only offset range (window units; 0.15 = ±60 HU at W400): the liver's enhancement differs by
     # contrast phase (non-contrast ~50 HU, portal ~100 HU) while a global offset shifts every tissue alike
     augment_organ_contrast: float = 0.0
+    # square of this many mm centred on the body -> the input (polycl.field_of_view); 0: the whole slice
+    # resized (the papers); None: the init checkpoint's choice (whole slice without one)
+    field_of_view_mm: float | None = None
     precision: str = "auto"  # forward/backward: bf16 autocast where the device runs bf16 natively, else fp32
 
 
@@ -100,10 +104,12 @@ def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1
 
 
 def slices_from_pairs(pairs: list[tuple[Volume, Volume]], size: int, middle_fraction: float | None = None,
-                      keep: list[list[int]] | None = None, context: int = 1) -> SliceSet:
+                      keep: list[list[int]] | None = None, context: int = 1,
+                      field_of_view_mm: float | None = None) -> SliceSet:
     """Canonical, windowed, resized slices of every (CT, mask) pair (only canonical slices ``keep[scan]``);
     with ``context`` > 1 each image holds its adjacent CT slices as channels (``polycl.context``), taken from
-    the whole CT even where they are not kept themselves."""
+    the whole CT even where they are not kept themselves.  With ``field_of_view_mm`` each scan's square of
+    that many mm around its body is resampled to ``size`` (``polycl.field_of_view``), else the whole slice."""
     if keep is not None and len(keep) != len(pairs):
         raise ValueError(f"{len(keep)} lists of training slices for {len(pairs)} scans")
     images, masks, scan_ids = [], [], []
@@ -121,8 +127,13 @@ def slices_from_pairs(pairs: list[tuple[Volume, Volume]], size: int, middle_frac
             rows = rows[keep[scan]]
         image = window(torch.from_numpy(stack_context(ct_slices, rows, context).astype(np.float32)))
         mask = torch.from_numpy(np.ascontiguousarray(label_slices[rows], np.float32))[:, None]
-        images.append(resize_slices(image, size))
-        masks.append((resize_slices(mask, size, mode="nearest") > 0.5).float())
+        if field_of_view_mm:
+            view = FieldOfView.of_volume(ct_slices, ct.ijk_to_ras, orientation, field_of_view_mm)
+            images.append(view.to_network(image, size))
+            masks.append((view.to_network(mask, size, mode="nearest") > 0.5).float())
+        else:
+            images.append(resize_slices(image, size))
+            masks.append((resize_slices(mask, size, mode="nearest") > 0.5).float())
         scan_ids.append(np.full(len(rows), scan))
     return SliceSet(torch.cat(images), torch.cat(masks), np.concatenate(scan_ids))
 
@@ -143,8 +154,9 @@ def resolve_config(config: FinetuneConfig, init: str | os.PathLike | None = None
         notes.append(f"input size {size} px differs from the {card['input_size']} px the initial checkpoint "
                      f"{Path(init).name} was trained at; its features will not transfer fully "
                      f"(omit the size to keep {card['input_size']})")
+    view = card.get("field_of_view_mm") if config.field_of_view_mm is None else config.field_of_view_mm or None
     resolved = replace(config, architecture=architecture, architecture_args={**args, **config.architecture_args},
-                       input_size=size)
+                       input_size=size, field_of_view_mm=check_field_of_view(view) or 0.0)
     return resolved, notes
 
 
@@ -273,7 +285,7 @@ def finetune(pairs: list[tuple[Volume, Volume]], output: str | os.PathLike, conf
         raise ValueError("train_slices lists the slices to train on; do not combine it with middle_fraction")
     else:
         data = slices_from_pairs(pairs, config.input_size, config.middle_fraction, keep=config.train_slices,
-                                 context=context_slices(model))
+                                 context=context_slices(model), field_of_view_mm=config.field_of_view_mm)
         train_scans, val_scans = split_scans(len(pairs), config.val_fraction, config.seed)
         train, val = _subset(data, train_scans, device), _subset(data, val_scans, device)
     batches = num_batches(len(train.images) * repeats, config.batch_size)
@@ -319,6 +331,7 @@ def finetune(pairs: list[tuple[Volume, Volume]], output: str | os.PathLike, conf
     card = default_card(
         config.architecture, config.architecture_args, config.input_size, kind="segmentation",
         polycl_version=__version__, **card_fields(model),
+        **({"field_of_view_mm": config.field_of_view_mm} if config.field_of_view_mm else {}),
         recipe={**asdict(config), "optimizer": "Adam",
                 "loss": f"soft Dice + {config.bce_weight:g} x BCE" if config.bce_weight else "soft Dice",
                 "scheduler": f"CosineAnnealingWarmRestarts(T_0={config.restart_epochs} epochs, per batch)",

@@ -13,6 +13,7 @@ import torch
 from .checkpoints import load_checkpoint
 from .context import context_batch, context_slices
 from .devices import autocast_context, configure_precision, place, resolve_device
+from .field_of_view import FieldOfView, check_field_of_view
 from .models import SegmentationNet
 from .preprocessing import CanonicalOrientation, resize_slices, validate_ct, window
 from .progress import CancelFlag, ProgressFn, check_cancel, no_progress
@@ -55,6 +56,9 @@ class SegmentationResult:
     warnings: list[str] = field(default_factory=list)
 
 
+BODY_OUTSIDE_WARNING = 0.02  # share of body voxels outside a model's field of view that gets a warning
+
+
 class Segmenter:
     """A loaded segmentation network plus the preprocessing its model card prescribes."""
 
@@ -67,6 +71,7 @@ class Segmenter:
         self.input_size = int(card["input_size"])
         self.window = card.get("window", {"center": 40.0, "width": 400.0})
         self.context_slices = context_slices(model)  # 1, or k adjacent axial slices as channels (2.5D)
+        self.field_of_view_mm = check_field_of_view(card.get("field_of_view_mm"))  # None: whole slice resized
 
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike | None = None, device: str = "auto",
@@ -80,11 +85,32 @@ class Segmenter:
         """4 slices per pass on CPU (fastest in bench/inference.py: cache-friendly), 16 on GPUs."""
         return 4 if self.device.type == "cpu" else 16
 
+    def field_of_view(self, canonical: np.ndarray, ijk_to_ras: np.ndarray,
+                      orientation: CanonicalOrientation) -> FieldOfView | None:
+        """The model's square on this canonical volume (None: whole slices); warns when it cuts the body."""
+        if self.field_of_view_mm is None:
+            return None
+        view = FieldOfView.of_volume(canonical, ijk_to_ras, orientation, self.field_of_view_mm)
+        outside = view.body_outside(canonical)
+        if outside > BODY_OUTSIDE_WARNING:
+            warnings.warn(f"{outside:.0%} of the body lies outside the model's {self.field_of_view_mm:g} mm field "
+                          "of view (centred on the body): nothing there is labelled", stacklevel=3)
+        return view
+
+    def to_network(self, batch: torch.Tensor, view: FieldOfView | None) -> torch.Tensor:
+        """Windowed (N, C, H, W) slices -> the network's (N, C, S, S) input."""
+        return resize_slices(batch, self.input_size) if view is None else view.to_network(batch, self.input_size)
+
     def predict_slices(self, slices: np.ndarray, batch_size: int | None = None, progress: ProgressFn = no_progress,
-                       cancel: CancelFlag | None = None, threshold: float | None = None) -> np.ndarray:
+                       cancel: CancelFlag | None = None, threshold: float | None = None,
+                       view: FieldOfView | None = None) -> np.ndarray:
         """Probabilities for canonical (N, H, W) HU slices (inferior to superior: a 2.5D model's neighbours),
         returned at (N, H, W); with ``threshold`` the uint8 mask ``probability > threshold`` instead (thresholded
-        batch by batch: no float copy of the volume)."""
+        batch by batch: no float copy of the volume).  A model with a field of view needs the volume's
+        ``view`` (``field_of_view``)."""
+        if self.field_of_view_mm is not None and view is None:
+            raise ValueError(f"this model sees a {self.field_of_view_mm:g} mm field of view: pass the volume's "
+                             "view (Segmenter.field_of_view) or use Segmenter.segment")
         count, height, width = slices.shape
         batch_size = batch_size or self.default_batch_size
         out = np.empty((count, height, width), np.float32 if threshold is None else np.uint8)
@@ -94,9 +120,11 @@ class Segmenter:
                 batch = torch.from_numpy(context_batch(slices, start, start + batch_size, self.context_slices))
                 batch = window(batch.to(self.device), self.window["center"], self.window["width"])
                 with autocast_context(self.device, self.precision):
-                    logits = self.model(resize_slices(batch, self.input_size)).float()
-                logits = resize_slices(logits, (height, width))
-                probability = torch.sigmoid(logits)[:, 0].float()
+                    logits = self.model(self.to_network(batch, view)).float()
+                if view is None:
+                    probability = torch.sigmoid(resize_slices(logits, (height, width)))[:, 0]
+                else:  # probabilities, so that outside the square is 0 and not sigmoid(0)
+                    probability = view.from_network(torch.sigmoid(logits))[:, 0]
                 out[start:start + batch_size] = (probability if threshold is None else probability > threshold).cpu()
                 progress(min(1.0, (start + batch_size) / count), f"slice {min(count, start + batch_size)}/{count}")
         return out
@@ -113,7 +141,9 @@ class Segmenter:
             warnings.warn(note, stacklevel=2)
         orientation = CanonicalOrientation.from_matrix(ijk_to_ras)
         canonical = orientation.to_canonical(array)
-        predicted = self.predict_slices(canonical, batch_size, progress, cancel, None if probability else threshold)
+        view = self.field_of_view(canonical, ijk_to_ras, orientation)
+        predicted = self.predict_slices(canonical, batch_size, progress, cancel, None if probability else threshold,
+                                        view)
         mask = predicted > threshold if probability else predicted
         if largest_component:
             mask = keep_largest_component(mask)

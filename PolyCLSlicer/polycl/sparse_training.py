@@ -67,7 +67,8 @@ def sparse_training_sets(pairs: Sequence[tuple[Volume, Volume]], config: Finetun
         chosen = scan["painted"] + scan["empty"] + scan["validation"]
         keep.append([canonical_index(orientation, ct.array.shape, k) for k in chosen])
         is_validation += [False] * (len(chosen) - len(scan["validation"])) + [True] * len(scan["validation"])
-    data = slices_from_pairs(list(pairs), config.input_size, keep=keep, context=context)
+    data = slices_from_pairs(list(pairs), config.input_size, keep=keep, context=context,
+                             field_of_view_mm=config.field_of_view_mm)
     train = [row for row, held in enumerate(is_validation) if not held]
     val = [row for row, held in enumerate(is_validation) if held]
     description = {"slice_mode": "annotated", "slice_numbering": "array index along each scan's axial axis",

@@ -25,8 +25,9 @@ import torch.nn.functional as F
 
 from .context import context_batch
 from .devices import autocast_context
+from .field_of_view import FieldOfView
 from .inference import Segmenter
-from .preprocessing import CanonicalOrientation, resize_slices, validate_ct, window
+from .preprocessing import CanonicalOrientation, validate_ct, window
 from .progress import CancelFlag, ProgressFn, check_cancel, no_progress
 from .sparse import canonical_index
 
@@ -67,8 +68,12 @@ def _inverse(theta: torch.Tensor) -> torch.Tensor:
 
 
 def tta_probability(segmenter: Segmenter, canonical: np.ndarray, batch_size: int | None = None,
-                    progress: ProgressFn = no_progress, cancel: CancelFlag | None = None) -> np.ndarray:
-    """Mean liver probability over the TTA passes for canonical (N, H, W) HU slices, at model size."""
+                    progress: ProgressFn = no_progress, cancel: CancelFlag | None = None,
+                    view: FieldOfView | None = None) -> np.ndarray:
+    """Mean liver probability over the TTA passes for canonical (N, H, W) HU slices, at model size (over the
+    model's field of view ``view`` when it has one: ``Segmenter.field_of_view``)."""
+    if segmenter.field_of_view_mm is not None and view is None:
+        raise ValueError("this model sees a fixed field of view: pass the volume's view")
     batch_size = batch_size or segmenter.default_batch_size
     count, size = len(canonical), segmenter.input_size
     total = np.zeros((count, size, size), np.float32)
@@ -77,7 +82,7 @@ def tta_probability(segmenter: Segmenter, canonical: np.ndarray, batch_size: int
         for start in range(0, count, batch_size):
             batch = torch.from_numpy(context_batch(canonical, start, start + batch_size, segmenter.context_slices))
             batch = window(batch.to(segmenter.device), segmenter.window["center"], segmenter.window["width"])
-            batch = resize_slices(batch, size)
+            batch = segmenter.to_network(batch, view)
             for zoom, degrees, gain in TTA_PASSES:
                 check_cancel(cancel, "slice suggestion")
                 theta = _affine(zoom, degrees, len(batch))
@@ -129,7 +134,9 @@ def suggest_slices(segmenter: Segmenter, array: np.ndarray, ijk_to_ras: np.ndarr
     validate_ct(array)
     orientation = CanonicalOrientation.from_matrix(ijk_to_ras)
     shape = np.shape(array)
-    probability = tta_probability(segmenter, orientation.to_canonical(array), progress=progress, cancel=cancel)
+    canonical = orientation.to_canonical(array)
+    view = segmenter.field_of_view(canonical, ijk_to_ras, orientation)
+    probability = tta_probability(segmenter, canonical, progress=progress, cancel=cancel, view=view)
     canonical_scores = slice_scores(probability)
     scores = np.array([canonical_scores[canonical_index(orientation, shape, k)]
                        for k in range(shape[orientation.slice_axis])])
