@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from test_context25d import REINDEXINGS, canonical_matrix, reoriented
 from torch import nn
 
 from polycl.checkpoints import CheckpointError, default_card, load_checkpoint, save_checkpoint, save_model
@@ -16,7 +17,6 @@ from polycl.inference import Segmenter
 from polycl.io import Volume
 from polycl.models import build_model
 from polycl.preprocessing import CanonicalOrientation
-from test_context25d import REINDEXINGS, canonical_matrix, reoriented
 
 SMALL = {"channels": (4, 8, 16, 32, 64), "dropout": 0.0}
 LIVER_RADIUS_MM = 60.0
