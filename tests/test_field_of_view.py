@@ -139,3 +139,24 @@ def test_finetune_records_and_inherits_the_field_of_view(tmp_path):
     assert "field_of_view_mm" not in load_checkpoint(tmp_path / "c.safetensors")[1]  # papers' checkpoints unchanged
     view = FieldOfView.of_volume(canonical, matrix, CanonicalOrientation.from_matrix(matrix), 350.0)
     assert view.body_outside(canonical) == 0.0
+
+
+def test_cli_finetune_field_of_view_and_card_summaries(tmp_path, capsys):
+    from PolyCLSlicerLib import core  # the Slicer panel's card summary (read without torch)
+
+    from polycl.cli import main
+    from polycl.io import write_volume
+
+    canonical, liver = phantom((96, 96), (3.0, 3.0), slices=4)
+    matrix = canonical_matrix((2.5, 3.0, 3.0))
+    write_volume(tmp_path / "case_ct.nii.gz", canonical, matrix)
+    write_volume(tmp_path / "case_liver.nii.gz", liver.astype(np.uint8), matrix)
+    common = ["finetune", "--images", str(tmp_path / "case_ct.nii.gz"), "--labels", str(tmp_path / "case_liver.nii.gz"),
+              "--size", "32", "--epochs", "1", "--val-fraction", "0", "--dropout", "0"]
+    assert main([*common, "-o", str(tmp_path / "bad.safetensors"), "--field-of-view", "20"]) == 2
+    assert "--field-of-view must be a number of millimetres in 100-1000" in capsys.readouterr().err
+    assert main([*common, "-o", str(tmp_path / "m.safetensors"), "--field-of-view", "350"]) == 0
+    capsys.readouterr()
+    assert main(["info", str(tmp_path / "m.safetensors")]) == 0
+    assert "a 350 mm square around the body at 32 px (10.94 mm per pixel" in capsys.readouterr().out
+    assert "field of view: 350 mm" in core.describe_card(core.read_card_header(tmp_path / "m.safetensors"))

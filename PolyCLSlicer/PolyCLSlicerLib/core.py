@@ -36,6 +36,8 @@ def describe_card(card: dict) -> str:
     """A few human-readable lines about a model card."""
     args = card.get("architecture_args") or {}
     lines = [f"{card.get('architecture', '?')} ({card.get('kind', '?')}), input {card.get('input_size', '?')} px"]
+    if card.get("field_of_view_mm"):
+        lines.append(f"field of view: {card['field_of_view_mm']:g} mm square around the body")
     if args:
         lines.append("args: " + ", ".join(f"{k}={v}" for k, v in sorted(args.items())))
     context = int(card.get("context_slices") or 1)

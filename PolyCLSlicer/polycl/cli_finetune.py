@@ -78,11 +78,13 @@ def _config_from_args(args: argparse.Namespace):
         architecture=args.architecture, architecture_args=architecture_args,
         input_size=args.size, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
         val_fraction=args.val_fraction, middle_fraction=args.middle_fraction, augment=not args.no_augment,
-        seed=args.seed, device=args.device, slices=args.slices, empty_slices=list(args.empty_slices or []))
+        seed=args.seed, device=args.device, slices=args.slices, empty_slices=list(args.empty_slices or []),
+        field_of_view_mm=args.field_of_view)
     try:
         config = resolve_config(config, args.init)[0]  # the size note is warned by finetune() itself
     except ValueError as error:
-        raise ValueError(str(error).replace("input size", "--size", 1)) from None
+        raise ValueError(str(error).replace("input size", "--size", 1).replace("field_of_view_mm", "--field-of-view",
+                                                                               1)) from None
     check_context_option(config)
     return config
 
@@ -214,6 +216,10 @@ def add_finetune_command(subparsers: argparse._SubParsersAction) -> argparse.Arg
                              "the image array's axial axis, as 3D Slicer numbers them; one image only)")
     parser.add_argument("--size", type=int, help="model input size in pixels, a multiple of 16 and at least 32 "
                         "(default: the --init checkpoint's, else 256)")
+    parser.add_argument("--field-of-view", type=float, metavar="MM",
+                        help="network input: a square of MM millimetres around the body (same mm per pixel on every "
+                             "scan; the starter uses 400); 0: the whole slice resized, as in the papers "
+                             "(default: the --init checkpoint's, else 0)")
     parser.add_argument("--dropout", type=float,
                         help="dropout in each block (default: the --init checkpoint's, else 0.25 for polycl_unet)")
     parser.add_argument("--val-fraction", type=float, default=0.2,

@@ -54,6 +54,14 @@ def _metric_lines(metrics: dict) -> list[str]:
     return lines
 
 
+def input_geometry(card: dict) -> str:
+    """What the network sees of an axial slice: a fixed square in mm, or the whole slice resized."""
+    size, view = card.get("input_size", "?"), card.get("field_of_view_mm")
+    if view:
+        return f"a {view:g} mm square around the body at {size} px ({view / size:.2f} mm per pixel on every scan)"
+    return f"axial slices resized to {size} px (mm per pixel follows each scan's field of view)"
+
+
 def describe_card(card: dict, path: str | Path, parameters: int) -> str:
     """Human-readable summary of a validated model card."""
     recipe, data = card.get("recipe", {}), card.get("data", {})
@@ -63,8 +71,7 @@ def describe_card(card: dict, path: str | Path, parameters: int) -> str:
         f"{card.get('name', Path(path).name)}",
         f"  file: {path}",
         f"  kind: {card['kind']}; architecture {card['architecture']} ({args}); {parameters:,} parameters",
-        f"  input: axial slices resized to {card['input_size']} px, "
-        f"window L{window.get('center')}/W{window.get('width')} HU",
+        f"  input: {input_geometry(card)}, window L{window.get('center')}/W{window.get('width')} HU",
     ]
     context = card.get("context_slices", 1)
     if context > 1:
