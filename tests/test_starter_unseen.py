@@ -20,9 +20,9 @@ from polycl.io import read_volume, voxel_spacing
 from polycl.preprocessing import CanonicalOrientation
 
 FLAGS = json.loads((Path(__file__).resolve().parents[1] / "bench" / "presence_flags.json").read_text())["ircad01"]
-# the starter's own volume on ircad01 is 1.21 L (model card, bench/starter_plausibility.py); the previous
-# starter's 1.61 L included kidney and heart
-LITRES = (1.0, 1.45)
+# the starter's own volume on ircad01 is 1.29 L (version 3; model card, bench/starter_plausibility.py); version 1's
+# 1.61 L included kidney and heart
+LITRES = (1.05, 1.55)
 MIN_RIGHTWARD_MM = 40.0  # liver centroid lies this far to the patient's right of the body's centre
 
 
@@ -63,3 +63,20 @@ def assert_plausible_liver(anatomy: dict) -> None:
 def test_starter_finds_the_whole_liver_and_nothing_else_on_an_unseen_ct(ircad01):
     anatomy = liver_anatomy(ircad01.array, ircad01.ijk_to_ras, Segmenter.from_checkpoint(None, device="cpu"))
     assert_plausible_liver(anatomy)
+
+
+def test_starter_gives_the_same_liver_when_the_scan_has_a_500_mm_field_of_view(ircad01):
+    """The same unseen CT padded with air from its 292 mm to a 500 mm reconstruction field of view (a
+    whole-body or large-patient scan): the starter's 400 mm field of view keeps the liver's size in network
+    pixels, so the mask stays put (version 2 resized whole slices: 1.21 -> 1.41 L, 6 liver slices lost)."""
+    segmenter = Segmenter.from_checkpoint(None, device="cpu")
+    assert CanonicalOrientation.from_matrix(ircad01.ijk_to_ras).slice_axis == 2
+    pad = (877 - 512) // 2  # 877 px x 0.57 mm = 500 mm
+    padded = np.pad(ircad01.array, ((pad, pad), (pad, pad), (0, 0)), constant_values=-1000)
+    matrix = ircad01.ijk_to_ras.copy()
+    matrix[:3, 3] -= matrix[:3, :3] @ np.array([pad, pad, 0])
+    anatomy = liver_anatomy(padded, matrix, segmenter)
+    assert_plausible_liver(anatomy)
+    small = segmenter.segment(ircad01.array, ircad01.ijk_to_ras).mask > 0
+    large = segmenter.segment(padded, matrix).mask[pad:pad + 512, pad:pad + 512] > 0
+    assert 2 * (small & large).sum() / (small.sum() + large.sum()) > 0.98
