@@ -145,9 +145,11 @@ def test_tiny_25d_model_trains_and_segments_what_a_2d_model_cannot(tmp_path, sin
 
 
 def test_single_slice_checkpoint_output_is_unchanged():
-    """The bundled 2D starter (card without 2.5D fields) loads as before; each slice is fed alone, as one channel."""
-    model, card = load_checkpoint(None)
-    assert "input_channels" not in card and "context_slices" not in card
+    """A 2D checkpoint whose card predates the 2.5D fields (and the field of view) runs as before: each slice
+    is fed alone, as one channel, the whole slice resized."""
+    model, card = load_checkpoint(None)  # the bundled starter's weights under such a card
+    card = {key: value for key, value in card.items()
+            if key not in ("input_channels", "context_slices", "field_of_view_mm")}
     segmenter = Segmenter(model, card, device="cpu", precision="fp32")
     assert segmenter.context_slices == 1
     rng = np.random.default_rng(0)

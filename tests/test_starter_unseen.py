@@ -20,7 +20,7 @@ from polycl.io import read_volume, voxel_spacing
 from polycl.preprocessing import CanonicalOrientation
 
 FLAGS = json.loads((Path(__file__).resolve().parents[1] / "bench" / "presence_flags.json").read_text())["ircad01"]
-# the starter's own volume on ircad01 is 1.29 L (version 3; model card, bench/starter_plausibility.py); version 1's
+# the starter's own volume on ircad01 is 1.27 L (version 3; model card, bench/starter_plausibility.py); version 1's
 # 1.61 L included kidney and heart
 LITRES = (1.05, 1.55)
 MIN_RIGHTWARD_MM = 40.0  # liver centroid lies this far to the patient's right of the body's centre

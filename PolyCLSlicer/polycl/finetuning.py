@@ -129,8 +129,8 @@ def slices_from_pairs(pairs: list[tuple[Volume, Volume]], size: int, middle_frac
         mask = torch.from_numpy(np.ascontiguousarray(label_slices[rows], np.float32))[:, None]
         if field_of_view_mm:
             view = FieldOfView.of_volume(ct_slices, ct.ijk_to_ras, orientation, field_of_view_mm)
-            images.append(view.to_network(image, size))
-            masks.append((view.to_network(mask, size, mode="nearest") > 0.5).float())
+            images.append(view.to_network(image, size, rows))
+            masks.append((view.to_network(mask, size, rows, mode="nearest") > 0.5).float())
         else:
             images.append(resize_slices(image, size))
             masks.append((resize_slices(mask, size, mode="nearest") > 0.5).float())

@@ -97,9 +97,11 @@ class Segmenter:
                           "of view (centred on the body): nothing there is labelled", stacklevel=3)
         return view
 
-    def to_network(self, batch: torch.Tensor, view: FieldOfView | None) -> torch.Tensor:
-        """Windowed (N, C, H, W) slices -> the network's (N, C, S, S) input."""
-        return resize_slices(batch, self.input_size) if view is None else view.to_network(batch, self.input_size)
+    def to_network(self, batch: torch.Tensor, view: FieldOfView | None, start: int = 0) -> torch.Tensor:
+        """Windowed (N, C, H, W) canonical slices ``start``.. -> the network's (N, C, S, S) input."""
+        if view is None:
+            return resize_slices(batch, self.input_size)
+        return view.to_network(batch, self.input_size, slice(start, start + len(batch)))
 
     def predict_slices(self, slices: np.ndarray, batch_size: int | None = None, progress: ProgressFn = no_progress,
                        cancel: CancelFlag | None = None, threshold: float | None = None,
@@ -120,11 +122,11 @@ class Segmenter:
                 batch = torch.from_numpy(context_batch(slices, start, start + batch_size, self.context_slices))
                 batch = window(batch.to(self.device), self.window["center"], self.window["width"])
                 with autocast_context(self.device, self.precision):
-                    logits = self.model(self.to_network(batch, view)).float()
+                    logits = self.model(self.to_network(batch, view, start)).float()
                 if view is None:
                     probability = torch.sigmoid(resize_slices(logits, (height, width)))[:, 0]
                 else:  # probabilities, so that outside the square is 0 and not sigmoid(0)
-                    probability = view.from_network(torch.sigmoid(logits))[:, 0]
+                    probability = view.from_network(torch.sigmoid(logits), slice(start, start + len(batch)))[:, 0]
                 out[start:start + batch_size] = (probability if threshold is None else probability > threshold).cpu()
                 progress(min(1.0, (start + batch_size) / count), f"slice {min(count, start + batch_size)}/{count}")
         return out

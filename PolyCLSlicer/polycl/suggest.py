@@ -82,7 +82,7 @@ def tta_probability(segmenter: Segmenter, canonical: np.ndarray, batch_size: int
         for start in range(0, count, batch_size):
             batch = torch.from_numpy(context_batch(canonical, start, start + batch_size, segmenter.context_slices))
             batch = window(batch.to(segmenter.device), segmenter.window["center"], segmenter.window["width"])
-            batch = segmenter.to_network(batch, view)
+            batch = segmenter.to_network(batch, view, start)
             for zoom, degrees, gain in TTA_PASSES:
                 check_cancel(cancel, "slice suggestion")
                 theta = _affine(zoom, degrees, len(batch))
