@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "PolyCLSlicer"))
 
 from polycl.devices import cpu_supports_bf16  # noqa: E402
-from polycl.models import InstanceNorm2d  # noqa: E402
+from polycl.nets.unet import InstanceNorm2d  # noqa: E402
 
 CASES = ("totalseg_sm", "totalseg_dcm", "dcmqi_3slice")
 

@@ -8,7 +8,7 @@ Measured in one run on this machine:
   * naive epoch: one ``affine_grid``/``grid_sample`` per slice (image and mask apart), ``loss.item()`` and
     an ``isfinite`` check after every step, fp32, torch's instance_norm kernel (how a first port of the
     reference code trains; the shipped network computes instance norm as a per-channel GroupNorm);
-  * shipped epochs (``polycl.finetuning.finetune``): one warp per batch, one host sync per epoch, bf16
+  * shipped epochs (``polycl.training.finetuning.finetune``): one warp per batch, one host sync per epoch, bf16
     autocast where the CPU has native bf16, else fp32; on a bf16 CPU also the fp32 path for comparison
     (without native bf16, bf16 is emulated at ~1 GFLOP/s: skipped, its estimated epoch time printed);
   * with ``--threads 1,2``: the shipped fp32 path per thread count;
@@ -35,12 +35,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import data_root, machine, peak_rss_mb, torch_instance_norm  # noqa: E402  (also puts polycl on sys.path)
 from inference import cut_119, matmul_peak  # noqa: E402
 
-from polycl.checkpoints import STARTER_CHECKPOINT, load_checkpoint  # noqa: E402
 from polycl.devices import cpu_supports_bf16  # noqa: E402
-from polycl.finetuning import FinetuneConfig, finetune, slices_from_pairs, soft_dice_loss  # noqa: E402
 from polycl.inference import Segmenter  # noqa: E402
-from polycl.io import Volume  # noqa: E402
-from polycl.training import batches_of, make_optimizer, num_batches  # noqa: E402
+from polycl.io.base import Volume  # noqa: E402
+from polycl.nets.checkpoints import load_checkpoint
+from polycl.nets.model_card import STARTER_CHECKPOINT  # noqa: E402
+from polycl.training.config import FinetuneConfig  # noqa: E402
+from polycl.training.finetuning import finetune, soft_dice_loss
+from polycl.training.loop import batches_of, make_optimizer, num_batches  # noqa: E402
+from polycl.training.slices import slices_from_pairs
 
 BATCH = 10
 SIZE = 128
@@ -102,7 +105,7 @@ def _naive_epochs(model: torch.nn.Module, images: torch.Tensor, masks: torch.Ten
 
 
 def shipped_epochs(pairs: list, epochs: int, precision: str, work: Path) -> list[tuple]:
-    """(wall, CPU) seconds per epoch of ``polycl.finetuning.finetune`` (its EpochReport clock)."""
+    """(wall, CPU) seconds per epoch of ``polycl.training.finetuning.finetune`` (its EpochReport clock)."""
     times, cpu = [], [time.process_time()]
 
     def on_epoch(report) -> None:

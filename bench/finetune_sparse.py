@@ -25,12 +25,14 @@ import numpy as np
 import torch
 from common import data_root, machine  # noqa: E402  (sets sys.path)
 
-from polycl.finetuning import FinetuneConfig, finetune  # noqa: E402
 from polycl.inference import Segmenter  # noqa: E402
-from polycl.io import Volume, read_mask, read_volume  # noqa: E402
+from polycl.io.base import Volume  # noqa: E402
+from polycl.io.volumes import read_mask, read_volume
 from polycl.metrics import dice, per_slice_dice  # noqa: E402
-from polycl.sparse import annotated_slices  # noqa: E402
-from polycl.sparse_training import recipe_defaults  # noqa: E402
+from polycl.training.config import FinetuneConfig  # noqa: E402
+from polycl.training.finetuning import finetune
+from polycl.training.sparse import annotated_slices  # noqa: E402
+from polycl.training.sparse_training import recipe_defaults  # noqa: E402
 
 
 def evenly_spaced(slices: list[int], count: int) -> list[int]:

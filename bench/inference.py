@@ -34,12 +34,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ROOT, machine, torch_instance_norm  # noqa: E402  (also puts polycl on sys.path)
 
-from polycl.checkpoints import STARTER_CHECKPOINT, default_card, load_checkpoint, save_model  # noqa: E402
+from polycl.geometry import CanonicalOrientation  # noqa: E402
 from polycl.inference import Segmenter  # noqa: E402
-from polycl.io import read_volume, write_volume  # noqa: E402
-from polycl.models import build_model  # noqa: E402
-from polycl.preprocessing import CanonicalOrientation, resize_slices, window  # noqa: E402
-from polycl.samples import data_dir  # noqa: E402
+from polycl.io.samples import data_dir  # noqa: E402
+from polycl.io.volumes import read_volume, write_volume  # noqa: E402
+from polycl.nets.checkpoints import default_card, load_checkpoint, save_model
+from polycl.nets.model_card import STARTER_CHECKPOINT  # noqa: E402
+from polycl.nets.registry import build_model  # noqa: E402
+from polycl.preprocessing import resize_slices, window
 
 BASELINE_COMMIT = "4a7f70d"
 
@@ -53,7 +55,7 @@ def run_cli(argv: list[str], package: Path = ROOT / "PolyCLSlicer") -> tuple[flo
 def run_cli_detailed(argv: list[str], package: Path = ROOT / "PolyCLSlicer") -> tuple[float, float, float, dict]:
     """Wall seconds, peak RSS (MiB), CPU seconds (user + system, all threads) and the ``--json`` step laps."""
     started = time.perf_counter()
-    process = subprocess.Popen([sys.executable, "-m", "polycl.cli", *argv], stdout=subprocess.PIPE,
+    process = subprocess.Popen([sys.executable, "-m", "polycl.cli.main", *argv], stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(package)})
     output = process.stdout.read()
     _, status, usage = os.wait4(process.pid, 0)
@@ -167,7 +169,7 @@ def compare_backbones(slices: np.ndarray, size: int = 128, repeats: int = 1) -> 
     Prints wall-clock and process CPU seconds: under shared load the CPU time (all threads) is the
     steadier figure; on an idle machine wall-clock is about CPU time / threads.
     """
-    from polycl.models import count_parameters
+    from polycl.nets.unet import count_parameters
 
     print(f"\nbackbones, {len(slices)} slices of {slices.shape[1]}x{slices.shape[2]} at {size} px "
           f"(random weights; best of {repeats})")

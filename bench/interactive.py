@@ -26,15 +26,17 @@ import torch
 from common import CASES, data_root, machine
 from finetune_sparse import evenly_spaced, painted_copy
 
-from polycl.checkpoints import STARTER_CHECKPOINT
-from polycl.finetuning import FinetuneConfig, finetune
 from polycl.geometry import axial_axis
 from polycl.inference import Segmenter
-from polycl.io import Volume, read_mask, read_volume
+from polycl.io.base import Volume
+from polycl.io.volumes import read_mask, read_volume
 from polycl.metrics import evaluate
-from polycl.sparse import annotated_slices
-from polycl.sparse_training import recipe_defaults
+from polycl.nets.model_card import STARTER_CHECKPOINT
 from polycl.suggest import suggest_slices
+from polycl.training.config import FinetuneConfig
+from polycl.training.finetuning import finetune
+from polycl.training.sparse import annotated_slices
+from polycl.training.sparse_training import recipe_defaults
 
 
 def sparse_run(ct: Volume, reference: np.ndarray, painted: list[int], init: Path, epochs: int, out: Path) -> Path:

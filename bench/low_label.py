@@ -32,12 +32,13 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "PolyCLSlicer"))
 
-from polycl.finetuning import FinetuneConfig, finetune  # noqa: E402
 from polycl.inference import Segmenter  # noqa: E402
-from polycl.io import read_mask, read_volume  # noqa: E402
+from polycl.io.samples import data_dir  # noqa: E402
+from polycl.io.volumes import read_mask, read_volume  # noqa: E402
 from polycl.metrics import dice, hausdorff  # noqa: E402
-from polycl.pretraining import PretrainConfig, build_slice_index, pretrain  # noqa: E402
-from polycl.samples import data_dir  # noqa: E402
+from polycl.training.config import FinetuneConfig  # noqa: E402
+from polycl.training.finetuning import finetune  # noqa: E402
+from polycl.training.pretraining import PretrainConfig, build_slice_index, pretrain  # noqa: E402
 
 CASES = ("totalseg_sm", "totalseg_dcm", "dcmqi_3slice")
 METHODS = ("polycl-s", "polycl-o", "polycl-m", "simclr", "pix2rep")

@@ -42,12 +42,12 @@ from common import CASES, data_root, machine, peak_rss_mb  # noqa: E402
 from refine import coarse_ircad  # noqa: E402
 from scipy import ndimage  # noqa: E402
 
-from polycl import sam2_propagation as sp  # noqa: E402
 from polycl.devices import autocast_context  # noqa: E402
-from polycl.io import read_mask, read_volume  # noqa: E402
+from polycl.geometry import CanonicalOrientation  # noqa: E402
+from polycl.io.volumes import read_mask, read_volume  # noqa: E402
 from polycl.metrics import dice  # noqa: E402
-from polycl.preprocessing import CanonicalOrientation  # noqa: E402
-from polycl.sam_refine import array_slice_index, build_refiner, canonical_slice_index, refine_volume  # noqa: E402
+from polycl.sam import propagation as sp  # noqa: E402
+from polycl.sam.refine import array_slice_index, build_refiner, canonical_slice_index, refine_volume  # noqa: E402
 
 NEVER_STOP = sp.StopRules(patience=10**6, min_area_fraction=0.0, min_confidence=0.0, max_median_shift_hu=1e9,
                           min_intensity_fraction=0.0, min_containment=0.0)

@@ -25,11 +25,14 @@ import numpy as np
 from common import data_root, machine
 from scipy import ndimage
 
+from polycl.geometry import (
+    CanonicalOrientation,  # noqa: E402
+    voxel_spacing,
+)
 from polycl.inference import Segmenter  # noqa: E402
-from polycl.io import read_mask, read_volume, voxel_spacing, write_mask  # noqa: E402
-from polycl.preprocessing import CanonicalOrientation  # noqa: E402
-from polycl.sam2_propagation import propagate_from_annotation  # noqa: E402
-from polycl.sam_refine import array_slice_index  # noqa: E402
+from polycl.io.volumes import read_mask, read_volume, write_mask  # noqa: E402
+from polycl.sam.propagation import propagate_from_annotation  # noqa: E402
+from polycl.sam.refine import array_slice_index  # noqa: E402
 
 # case -> (CT path under the data folder, canonical seed slice, seed source)
 SEEDS = {

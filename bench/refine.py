@@ -33,10 +33,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import CASES, data_root, machine, peak_rss_mb  # noqa: E402  (also puts polycl on sys.path)
 from inference import cut_119, matmul_peak, run_cli  # noqa: E402
 
-from polycl import sam_refine as sr  # noqa: E402
-from polycl.io import read_mask, read_volume, voxel_spacing, write_volume  # noqa: E402
+from polycl.geometry import (
+    CanonicalOrientation,  # noqa: E402
+    voxel_spacing,
+)
+from polycl.io.volumes import read_mask, read_volume, write_volume  # noqa: E402
 from polycl.metrics import dice  # noqa: E402
-from polycl.preprocessing import CanonicalOrientation  # noqa: E402
+from polycl.sam import refine as sr  # noqa: E402
 
 
 def block_coarsen(mask: np.ndarray, ijk_to_ras: np.ndarray, block_mm: float) -> np.ndarray:

@@ -6,7 +6,7 @@ Run:  .venv/bin/python bench/starter_card.py starter.safetensors --loo loo.json 
 Adds the name, intended use, the Dice on each labelled case it was trained on (``training_set_dice_3d``,
 read by the Slicer tests), the leave-one-case-out figures (JSON lines of ``bench/starter_loo.py``) and
 the plausibility rows (JSON lines of ``bench/starter_plausibility.py``), then writes the checkpoint
-atomically through ``polycl.checkpoints`` (the card is validated, the weights are unchanged).
+atomically through ``polycl.nets.checkpoints`` (the card is validated, the weights are unchanged).
 """
 
 from __future__ import annotations
@@ -19,10 +19,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import CASES, ROOT, data_root  # noqa: E402  (also puts polycl on sys.path)
 
-from polycl.checkpoints import read_checkpoint, save_checkpoint  # noqa: E402
 from polycl.inference import Segmenter  # noqa: E402
-from polycl.io import read_mask, read_volume  # noqa: E402
+from polycl.io.volumes import read_mask, read_volume  # noqa: E402
 from polycl.metrics import dice  # noqa: E402
+from polycl.nets.checkpoints import read_checkpoint, save_checkpoint  # noqa: E402
 
 STARTER = ROOT / "PolyCLSlicer" / "polycl" / "weights" / "polycl_liver_starter.safetensors"
 

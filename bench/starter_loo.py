@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import CASES, ROOT, data_root, machine  # noqa: E402  (also puts polycl on sys.path)
 
 from polycl.inference import Segmenter  # noqa: E402
-from polycl.io import read_mask, read_volume  # noqa: E402
+from polycl.io.volumes import read_mask, read_volume  # noqa: E402
 from polycl.metrics import evaluate  # noqa: E402
 
 

@@ -27,10 +27,13 @@ from scipy import ndimage
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ROOT, data_root, machine  # noqa: E402  (also puts polycl on sys.path)
 
+from polycl.geometry import (
+    CanonicalOrientation,  # noqa: E402
+    voxel_spacing,
+)
 from polycl.inference import Segmenter  # noqa: E402
-from polycl.io import read_mask, read_volume, voxel_spacing  # noqa: E402
+from polycl.io.volumes import read_mask, read_volume  # noqa: E402
 from polycl.metrics import evaluate  # noqa: E402
-from polycl.preprocessing import CanonicalOrientation  # noqa: E402
 
 CASES = {
     "ircad01": "ircad01_ct.nii.gz",

@@ -32,9 +32,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ROOT, data_root, machine  # noqa: E402  (also puts polycl on sys.path)
 
-from polycl.finetuning import FinetuneConfig, finetune  # noqa: E402
-from polycl.io import Volume, read_mask, read_volume  # noqa: E402
-from polycl.preprocessing import CanonicalOrientation  # noqa: E402
+from polycl.geometry import CanonicalOrientation  # noqa: E402
+from polycl.io.base import Volume  # noqa: E402
+from polycl.io.volumes import read_mask, read_volume
+from polycl.training.config import FinetuneConfig  # noqa: E402
+from polycl.training.finetuning import finetune
 
 LABELLED = ("totalseg_sm", "totalseg_dcm", "dcmqi_3slice")
 SAME_PATIENT = {"totalseg_sm": {"totalseg_full"}}

@@ -30,7 +30,7 @@ from PolyCLSlicerLib.tasks import MaskResult, Task, TaskRunner, WorkerJob  # noq
 from PolyCLSlicerLib.worker_client import WorkerClient  # noqa: E402
 
 from polycl import pipeline  # noqa: E402
-from polycl.io import read_volume  # noqa: E402
+from polycl.io.volumes import read_volume  # noqa: E402
 
 SLICES = 119
 
@@ -77,7 +77,7 @@ def handover_steps(client: WorkerClient, array: np.ndarray, matrix: np.ndarray, 
     job round trip (a job the worker refuses at once: its input does not exist)."""
     from PolyCLSlicerLib.tasks import JobOutput
 
-    from polycl.io import write_volume
+    from polycl.io.volumes import write_volume
 
     times = {}
     for name, step in (("write volume", lambda: write_volume(folder / "v.nrrd", array, matrix, compress=False)),

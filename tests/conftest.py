@@ -34,7 +34,7 @@ def data_dir() -> Path:
 @pytest.fixture(scope="session")
 def labeled_case(data_dir):
     """Return a loader: case name -> (CT Volume, mask Volume)."""
-    from polycl.io import read_mask, read_volume
+    from polycl.io.volumes import read_mask, read_volume
 
     cache = {}
 

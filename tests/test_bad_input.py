@@ -26,10 +26,10 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from polycl.checkpoints import default_card, save_checkpoint, save_model
-from polycl.cli import main
-from polycl.io import read_volume, write_volume
-from polycl.models import build_model
+from polycl.cli.main import main
+from polycl.io.volumes import read_volume, write_volume
+from polycl.nets.checkpoints import default_card, save_checkpoint, save_model
+from polycl.nets.registry import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_ARGS = {"channels": (4, 8, 16, 32, 64), "dropout": 0.0}
@@ -358,7 +358,7 @@ def test_finetune_refuses_bad_label(make_label, tmp_path, capfd, base, tiny):
 
 def test_several_labels_accepted_when_a_segment_is_named_liver(tmp_path):
     """A .seg.nrrd tells which label is the liver: that one is used, the others are ignored."""
-    from polycl.io import read_mask
+    from polycl.io.volumes import read_mask
 
     label = np.zeros((24, 24, 6), np.uint8)
     label[2:8, 2:8], label[10:20, 10:20] = 1, 2
@@ -571,7 +571,7 @@ def _interrupt_when(argv: list[str], ready, cwd: Path, timeout: float = 120) -> 
     env = dict(os.environ, PYTHONPATH=str(ROOT / "PolyCLSlicer"), OMP_NUM_THREADS="1")
     # a shell's background job (`cmd &`, as CI runners may start the suite) ignores SIGINT and its children
     # inherit that; the child gets the default disposition back, as in a terminal
-    process = subprocess.Popen([sys.executable, "-m", "polycl.cli", *map(str, argv)], cwd=cwd, env=env,
+    process = subprocess.Popen([sys.executable, "-m", "polycl.cli.main", *map(str, argv)], cwd=cwd, env=env,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     chunks: list[bytes] = []
@@ -751,7 +751,7 @@ def test_one_mm_isotropic_400_slices(tmp_path, labeled_case, tiny):
 def test_dicom_series_picked_by_number_or_uid(tmp_path, data_dir, capfd):
     folder = dicom_folder(tmp_path, data_dir, "dicom", totalseg_series(data_dir) + dcmqi_ct(data_dir)
                           + [data_dir / "dicom" / "dcmqi_3slice" / "liver.dcm"])
-    from polycl.dicom import choose_series
+    from polycl.io.dicom import choose_series
 
     listed = [s for s in [choose_series(folder, n) for n in (1, 2)]]
     three = 1 + [len(s.files) for s in listed].index(3)

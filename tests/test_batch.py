@@ -32,7 +32,7 @@ def batch_folder(data_dir, labeled_case, tmp_path) -> Path:
     """Two small real CTs (one cropped, one oblique NRRD), a corrupt file, a non-CT file and a stray text file."""
     from test_slicer_logic import crop, oblique
 
-    from polycl.io import write_volume
+    from polycl.io.volumes import write_volume
 
     folder = tmp_path / "in"
     folder.mkdir()
@@ -48,7 +48,7 @@ def batch_folder(data_dir, labeled_case, tmp_path) -> Path:
 
 def test_batch_processes_good_files_and_reports_bad_ones(batch_folder, batch_checkpoint, tmp_path):
     slicerio = pytest.importorskip("slicerio")
-    from polycl.io import read_volume
+    from polycl.io.volumes import read_volume
 
     out = tmp_path / "out"
     command = [sys.executable, str(SCRIPT), "--input", str(batch_folder), "--output", str(out),
@@ -109,7 +109,7 @@ def test_batch_inside_slicer_exits_with_code_1_and_a_message_on_any_error(tmp_pa
     blocker = tmp_path / "not_a_folder"
     blocker.write_text("a file where the output folder should go")
     ct = tmp_path / "ct.nrrd"
-    from polycl.io import write_volume
+    from polycl.io.volumes import write_volume
 
     write_volume(ct, np.zeros((8, 8, 4), np.int16), np.eye(4))
     fake_app = (  # slicer.app as inside Slicer; slicer.util.exit records the code like the app would

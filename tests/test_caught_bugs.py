@@ -14,7 +14,7 @@ import torch
 from scipy import ndimage
 from scipy.spatial import cKDTree
 
-from polycl.io import Volume
+from polycl.io.base import Volume
 from polycl.metrics import hausdorff
 
 TINY_ARGS = {"channels": (4, 8, 16, 32, 64), "dropout": 0.0}
@@ -73,7 +73,7 @@ def test_surface_at_the_volume_border_counts():
 # ----------------------------------------------------------------- largest component (bug 4)
 def test_largest_component_is_26_connected():
     """Two cubes touching only at a corner are one 26-connected component: both are kept."""
-    from polycl.inference import keep_largest_component
+    from polycl.masks import keep_largest_component
 
     mask = np.zeros((20, 20, 20), bool)
     mask[2:7, 2:7, 2:7] = True  # 125 voxels
@@ -99,8 +99,10 @@ def tiny_pairs(count: int = 4, size: int = 32, slices: int = 4):
 
 def test_training_window_is_the_window_in_the_card(tmp_path):
     """Bug 1: finetuning windows with other values than the card records (inference uses the card's)."""
-    from polycl.finetuning import FinetuneConfig, finetune, slices_from_pairs
-    from polycl.preprocessing import CanonicalOrientation
+    from polycl.geometry import CanonicalOrientation
+    from polycl.training.config import FinetuneConfig
+    from polycl.training.finetuning import finetune
+    from polycl.training.slices import slices_from_pairs
 
     pairs = tiny_pairs(2)
     result = finetune(pairs, tmp_path / "m.safetensors", FinetuneConfig(
@@ -115,8 +117,10 @@ def test_training_window_is_the_window_in_the_card(tmp_path):
 
 def test_finetune_saves_the_best_epoch_not_the_last(tmp_path):
     """Bug 6: the saved weights must be the epoch with the lowest validation loss."""
-    from polycl.checkpoints import load_checkpoint
-    from polycl.finetuning import FinetuneConfig, _subset, evaluate_slices, finetune, slices_from_pairs, split_scans
+    from polycl.nets.checkpoints import load_checkpoint
+    from polycl.training.config import FinetuneConfig
+    from polycl.training.finetuning import _subset, evaluate_slices, finetune, split_scans
+    from polycl.training.slices import slices_from_pairs
 
     config = FinetuneConfig(architecture_args=TINY_ARGS, input_size=32, epochs=5, batch_size=4, lr=0.1,
                             val_fraction=0.5, augment=False, seed=3, device="cpu")
@@ -139,8 +143,9 @@ def test_finetune_saves_the_best_epoch_not_the_last(tmp_path):
 
 def test_cancel_after_finished_epochs_leaves_the_existing_checkpoint(tmp_path):
     """Bug 7: a cancel after a finished epoch must not write the best-so-far over the existing output."""
-    from polycl.finetuning import FinetuneConfig, finetune
     from polycl.progress import Cancelled
+    from polycl.training.config import FinetuneConfig
+    from polycl.training.finetuning import finetune
 
     output = tmp_path / "m.safetensors"
     output.write_bytes(b"the user's model")
@@ -163,7 +168,7 @@ def test_cancel_after_finished_epochs_leaves_the_existing_checkpoint(tmp_path):
 @pytest.mark.parametrize("largest_only", [False, True])
 def test_boxes_are_x_columns_y_rows_on_an_asymmetric_mask(largest_only):
     """Bug 10: rows and columns swapped.  A wide, short rectangle off the diagonal tells them apart."""
-    from polycl.sam_refine import component_boxes
+    from polycl.sam.refine import component_boxes
 
     mask = np.zeros((50, 80), bool)
     mask[5:10, 20:60] = True  # rows 5..9, columns 20..59
@@ -176,7 +181,7 @@ def test_boxes_are_x_columns_y_rows_on_an_asymmetric_mask(largest_only):
 @pytest.mark.parametrize("shift", [-30.0, 30.0], ids=["darker", "brighter"])
 def test_median_hu_drift_stops_in_both_directions(shift):
     """Bug 11: a one-sided drift rule lets a region darker (or brighter) than the seed run on."""
-    from polycl.sam2_propagation import StopRules, _SliceJudge
+    from polycl.sam.propagation import StopRules, _SliceJudge
 
     rng = np.random.default_rng(0)
     ct = np.zeros((3, 40, 40), np.float32)
@@ -195,7 +200,7 @@ def test_median_hu_drift_stops_in_both_directions(shift):
 def test_polycl_m_reference_fallback_negatives_come_from_the_same_scan():
     """Bug 8: with negatives preferred from other scans ("reference"), an anchor whose opposite presence
     class exists only in its own scan falls back to that scan; the fallback must not go elsewhere."""
-    from polycl.pretraining import PolyCLMSampler, SliceIndex
+    from polycl.training.pretraining import PolyCLMSampler, SliceIndex
 
     index = SliceIndex.from_arrays([0] * 6 + [1] * 4, [0, 0, 0, 1, 1, 1] + [1, 1, 1, 1])
     sampler = PolyCLMSampler(index, anchor_fraction=None, seed=1, negative_source="reference")
@@ -212,8 +217,8 @@ def test_pretraining_uses_temperature_one_over_the_minibatch_size(tmp_path, monk
     """Bug 9: the trainer must pass tau = 1/M (M = configured minibatch size), not a fixed value."""
     from test_pretraining import synthetic_index
 
-    from polycl.pretraining import PretrainConfig, pretrain
-    from polycl.pretraining import trainer as trainer_module
+    from polycl.training.pretraining import PretrainConfig, pretrain
+    from polycl.training.pretraining import trainer as trainer_module
 
     seen, original = [], trainer_module.polycl_triplet_loss
 

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from polycl.checkpoints import default_card, save_model
-from polycl.cli import build_parser, main
-from polycl.cli_finetune import pair_images_and_labels
-from polycl.io import read_mask, read_volume, write_volume
-from polycl.models import build_model
+from polycl.cli.finetune import pair_images_and_labels
+from polycl.cli.main import build_parser, main
+from polycl.io.volumes import read_mask, read_volume, write_volume
+from polycl.nets.checkpoints import default_card, save_model
+from polycl.nets.registry import build_model
 
 COMMANDS = ["segment", "finetune", "evaluate", "info", "sample"]
 
@@ -28,7 +28,7 @@ def test_every_command_has_help(command, capsys):
 
 
 def test_console_script_entry_point_runs():
-    result = subprocess.run([sys.executable, "-m", "polycl.cli", "--help"], capture_output=True, text=True)
+    result = subprocess.run([sys.executable, "-m", "polycl.cli.main", "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "segment" in result.stdout
 
 
@@ -185,7 +185,7 @@ def test_sample_offline_uses_local_data(data_dir, capsys, monkeypatch, tmp_path)
 
 def test_sample_download_path_verifies_checksum(tmp_path, monkeypatch):
     """The download code runs against a local file:// URL (no network here)."""
-    from polycl import samples
+    from polycl.io import samples
 
     payload = tmp_path / "remote.bin"
     payload.write_bytes(b"ct bytes")
@@ -204,7 +204,7 @@ def test_parser_lists_core_commands():
 
 
 def test_finetune_from_a_checkpoint_keeps_its_architecture_and_size(tmp_path, capsys, tiny_checkpoint):
-    from polycl.checkpoints import read_checkpoint
+    from polycl.nets.checkpoints import read_checkpoint
 
     rng = np.random.default_rng(0)
     for case in ("a", "b"):

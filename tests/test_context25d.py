@@ -11,13 +11,22 @@ import torch
 from torch import nn
 
 from conftest import oblique_matrix
-from polycl.checkpoints import CheckpointError, default_card, load_checkpoint, load_pretrained_init, save_checkpoint
-from polycl.context import ContextSegmentationNet, card_fields, neighbour_indices, volume_context
-from polycl.finetuning import FinetuneConfig, finetune, slices_from_pairs
+from polycl.geometry import CanonicalOrientation
 from polycl.inference import Segmenter
-from polycl.io import Volume
-from polycl.models import build_model
-from polycl.preprocessing import CanonicalOrientation, resize_slices, window
+from polycl.io.base import Volume
+from polycl.nets.checkpoints import (
+    CheckpointError,
+    default_card,
+    load_checkpoint,
+    load_pretrained_init,
+    save_checkpoint,
+)
+from polycl.nets.registry import build_model
+from polycl.nets.unet25d import ContextSegmentationNet, card_fields, neighbour_indices, volume_context
+from polycl.preprocessing import resize_slices, window
+from polycl.training.config import FinetuneConfig
+from polycl.training.finetuning import finetune
+from polycl.training.slices import slices_from_pairs
 
 SMALL = {"channels": (4, 8, 16, 32, 64), "dropout": 0.0}
 # (permutation, flips) of array axes relative to the canonical (superior, posterior, left) axes
@@ -212,8 +221,8 @@ def test_sparse_25d_takes_neighbours_from_the_ct_and_labels_only_painted_slices(
 
 
 def test_cli_finetune_and_info_with_the_25d_architecture(tmp_path, capsys, single_torch_thread):
-    from polycl.cli import main
-    from polycl.io import write_volume
+    from polycl.cli.main import main
+    from polycl.io.volumes import write_volume
 
     ct, label = shifted_case(3)
     write_volume(tmp_path / "case_ct.nii.gz", ct.array, ct.ijk_to_ras)

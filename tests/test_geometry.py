@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from conftest import oblique_matrix
-from polycl.io import read_volume, write_mask, write_volume
-from polycl.preprocessing import CanonicalOrientation, axial_axis
+from polycl.geometry import CanonicalOrientation, axial_axis
+from polycl.io.volumes import read_volume, write_mask, write_volume
 
 
 def world(matrix: np.ndarray, ijk) -> np.ndarray:

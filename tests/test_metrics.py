@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from polycl.finetuning import soft_dice_loss
 from polycl.metrics import dice, evaluate, hausdorff, per_slice_dice
+from polycl.training.finetuning import soft_dice_loss
 
 
 def cube(shape, start, size):

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from polycl.checkpoints import (
+from polycl.nets.checkpoints import (
     CheckpointError,
     default_card,
     import_reference_weights,
@@ -21,7 +21,8 @@ from polycl.checkpoints import (
     save_checkpoint,
     save_model,
 )
-from polycl.models import ProjectionHead, build_model, convert_reference_state_dict, count_parameters
+from polycl.nets.registry import build_model
+from polycl.nets.unet import ProjectionHead, convert_reference_state_dict, count_parameters
 
 
 def test_polycl_unet_matches_method_description():

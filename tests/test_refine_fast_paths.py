@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from polycl import sam2_propagation as sp
-from polycl import sam_refine as sr
 from polycl.metrics import dice
+from polycl.sam import propagation as sp
+from polycl.sam import refine as sr
 
 pytest.importorskip("segment_anything")
 
@@ -141,7 +141,7 @@ def test_bf16_refinement_matches_fp32_where_the_cpu_has_bf16(labeled_case, refin
 
 
 def test_cli_refiner_keeps_no_embeddings(monkeypatch):
-    from polycl import cli_sam
+    from polycl.cli import sam as cli_sam
 
     built = {}
     monkeypatch.setattr(sr, "build_refiner", lambda name, **kwargs: built.update(kwargs) or ShrunkBox())

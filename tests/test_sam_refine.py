@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from polycl import sam_refine as sr
 from polycl.metrics import dice
+from polycl.sam import refine as sr
 
 pytest.importorskip("segment_anything")
 
@@ -278,7 +278,7 @@ def test_sam2_config_resolution_and_errors(tmp_path):
 
 
 def test_shared_refiner_keeps_models_and_caches_for_the_session(monkeypatch):
-    from polycl import sam_builders
+    from polycl.sam import builders as sam_builders
 
     built = []
     monkeypatch.setattr(sam_builders, "build_refiner", lambda name, **kwargs: built.append(name) or BoxFiller())
@@ -294,8 +294,8 @@ def test_shared_refiner_keeps_models_and_caches_for_the_session(monkeypatch):
 def test_refine_from_args_cli_hook(monkeypatch, capsys):
     import argparse
 
-    from polycl import cli_sam
-    from polycl.io import Volume
+    from polycl.cli import sam as cli_sam
+    from polycl.io.base import Volume
 
     parser = argparse.ArgumentParser()
     cli_sam.add_refine_arguments(parser)

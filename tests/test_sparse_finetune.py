@@ -14,14 +14,16 @@ import numpy as np
 import pytest
 import torch
 
-import polycl.finetuning as finetuning
-from polycl.checkpoints import default_card, load_checkpoint, read_checkpoint, save_model
-from polycl.cli import main as polycl
-from polycl.finetuning import FinetuneConfig, finetune
-from polycl.io import Volume, write_mask, write_volume
-from polycl.models import build_model
+import polycl.training.finetuning as finetuning
+from polycl.cli.main import main as polycl
+from polycl.io.base import Volume
+from polycl.io.volumes import write_mask, write_volume
+from polycl.nets.checkpoints import default_card, load_checkpoint, read_checkpoint, save_model
+from polycl.nets.registry import build_model
 from polycl.progress import Cancelled
-from polycl.sparse import annotated_slices, held_out_painted, is_sparse_annotation, select_slices
+from polycl.training.config import FinetuneConfig
+from polycl.training.finetuning import finetune
+from polycl.training.sparse import annotated_slices, held_out_painted, is_sparse_annotation, select_slices
 
 SMALL = {"channels": (4, 8, 16, 32, 64), "dropout": 0.0}
 SIZE = 48  # in-plane size = model input: no resizing, so areas seen by the loss are the label's areas
@@ -218,9 +220,9 @@ def test_three_painted_slices_fix_the_starter_where_it_fails_and_keep_it_where_i
         labeled_case, tmp_path, shift_hu, floor):
     """totalseg_sm with +250 HU (a contrast shift the starter never saw: Dice ~0.68) and as is (~0.97):
     painting 3 slices must lift the other slices above ``floor`` and never lose more than 0.02."""
-    from polycl.checkpoints import STARTER_CHECKPOINT
     from polycl.inference import Segmenter
     from polycl.metrics import dice
+    from polycl.nets.model_card import STARTER_CHECKPOINT
 
     ct, liver = labeled_case("totalseg_sm")
     ct = Volume(ct.array.astype(np.float32) + shift_hu, ct.ijk_to_ras, "totalseg_sm")

@@ -5,10 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from polycl.checkpoints import STARTER_CHECKPOINT, load_checkpoint
-from polycl.cli import main
+from polycl.cli.main import main
 from polycl.inference import Segmenter
 from polycl.metrics import dice, evaluate
+from polycl.nets.checkpoints import load_checkpoint
+from polycl.nets.model_card import STARTER_CHECKPOINT
 
 
 def card_floor(case: str) -> float:
@@ -45,7 +46,7 @@ def test_cli_segment_uses_the_starter_by_default(labeled_case, data_dir, tmp_pat
     assert main(["segment", str(data_dir / "labeled" / "totalseg_sm_ct.nii.gz"), "-o", str(output),
                  "--reference", str(data_dir / "labeled" / "totalseg_sm_liver.nii.gz")]) == 0
     assert "Dice" in capsys.readouterr().out
-    from polycl.io import read_mask
+    from polycl.io.volumes import read_mask
 
     written = read_mask(output, ct)
     assert dice(written.array, reference.array) >= card_floor("totalseg_sm")
@@ -53,8 +54,8 @@ def test_cli_segment_uses_the_starter_by_default(labeled_case, data_dir, tmp_pat
 
 def test_reoriented_real_ct_gives_the_same_liver_in_world_space(labeled_case, tmp_path):
     """A permuted + flipped LPS NRRD copy of a real CT segments to the same voxels in world space."""
-    from polycl.io import read_volume, write_volume
-    from polycl.preprocessing import CanonicalOrientation
+    from polycl.geometry import CanonicalOrientation
+    from polycl.io.volumes import read_volume, write_volume
 
     ct, _ = labeled_case("totalseg_sm")
     reindex = CanonicalOrientation((2, 0, 1), (True, False, True))

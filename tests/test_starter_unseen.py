@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from polycl.geometry import CanonicalOrientation, voxel_spacing
 from polycl.inference import Segmenter
-from polycl.io import read_volume, voxel_spacing
-from polycl.preprocessing import CanonicalOrientation
+from polycl.io.volumes import read_volume
 
 FLAGS = json.loads((Path(__file__).resolve().parents[1] / "bench" / "presence_flags.json").read_text())["ircad01"]
 # the starter's own volume on ircad01 is 1.27 L (version 3; model card, bench/starter_plausibility.py); version 1's

@@ -12,9 +12,9 @@ import json
 import numpy as np
 import pytest
 
-from polycl.cli import main as polycl
+from polycl.cli.main import main as polycl
 from polycl.inference import Segmenter
-from polycl.io import write_mask, write_volume
+from polycl.io.volumes import write_mask, write_volume
 from polycl.metrics import per_slice_dice
 from polycl.suggest import spread_ranking, suggest_slices
 

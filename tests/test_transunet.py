@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from polycl.checkpoints import CheckpointError, default_card, load_checkpoint, load_pretrained_init, save_model
-from polycl.models import build_model, count_parameters
-from polycl.transunet import PRESETS, TransUNet, infer_config, transunet_config
+from polycl.nets.checkpoints import CheckpointError, default_card, load_checkpoint, load_pretrained_init, save_model
+from polycl.nets.registry import build_model
+from polycl.nets.transunet import PRESETS, TransUNet, infer_config, transunet_config
+from polycl.nets.unet import count_parameters
 
 TINY = {"stem_width": 8, "stage_blocks": (1, 1, 1), "hidden": 32, "depth": 2, "heads": 2, "mlp_dim": 64,
         "img_size": 64, "decoder_channels": (16, 8, 8, 4), "dropout": 0.0}
@@ -110,7 +111,7 @@ def test_infer_config_reads_sizes_from_weights():
 def test_polycl_m_pretrained_encoder_loads_and_changes_only_encoder_weights(tmp_path):
     from test_pretraining import synthetic_index
 
-    from polycl.pretraining import PretrainConfig, pretrain
+    from polycl.training.pretraining import PretrainConfig, pretrain
 
     index = synthetic_index(32)
     config = PretrainConfig(method="polycl-m", architecture="transunet", architecture_args=TINY, input_size=32,
@@ -130,16 +131,18 @@ def test_polycl_m_pretrained_encoder_loads_and_changes_only_encoder_weights(tmp_
 
 
 def test_pix2rep_uses_the_transunet_decoder_features():
-    from polycl.pretraining import PretrainConfig
-    from polycl.pretraining.trainer import build_pretraining_net
+    from polycl.training.pretraining import PretrainConfig
+    from polycl.training.pretraining.trainer import build_pretraining_net
 
     net = build_pretraining_net(PretrainConfig(method="pix2rep", architecture="transunet", architecture_args=TINY))
     assert net(torch.rand(2, 1, 32, 32)).shape == (2, 64, 32, 32)
 
 
 def test_one_finetune_epoch_on_a_real_case_lowers_the_loss(labeled_case, tmp_path):
-    from polycl.finetuning import FinetuneConfig, finetune, slices_from_pairs, soft_dice_loss
-    from polycl.training import seed_everything
+    from polycl.training.config import FinetuneConfig
+    from polycl.training.finetuning import finetune, soft_dice_loss
+    from polycl.training.loop import seed_everything
+    from polycl.training.slices import slices_from_pairs
 
     pair = labeled_case("totalseg_sm")
     config = FinetuneConfig(architecture="transunet", input_size=64, epochs=1, batch_size=8, lr=1e-3,
@@ -163,8 +166,8 @@ def test_cli_pretrain_finetune_and_segment_with_transunet(tmp_path):
     """`polycl pretrain --architecture transunet`, `finetune --init` from its encoder, then `segment`."""
     from test_pretraining import write_case
 
-    from polycl.checkpoints import read_checkpoint
-    from polycl.cli import main
+    from polycl.cli.main import main
+    from polycl.nets.checkpoints import read_checkpoint
 
     data = tmp_path / "data"
     data.mkdir()

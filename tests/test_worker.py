@@ -92,7 +92,7 @@ def raw_worker(tmp_path):
 @pytest.fixture(scope="module")
 def small_ct(labeled_case, tmp_path_factory):
     """Slices 8..19 of totalseg_sm (liver on every slice) as NIfTI, with its reference mask."""
-    from polycl.io import write_mask, write_volume
+    from polycl.io.volumes import write_mask, write_volume
 
     ct, liver = labeled_case("totalseg_sm")
     matrix = np.array(ct.ijk_to_ras, float)
@@ -104,7 +104,7 @@ def small_ct(labeled_case, tmp_path_factory):
 
 
 def starter() -> str:
-    from polycl.pipeline import starter_checkpoint
+    from polycl.nets.model_card import starter_checkpoint
 
     path = starter_checkpoint()
     if not path.exists():
@@ -120,7 +120,7 @@ def litemedsam_available() -> None:
 def test_smallest_job_reports_progress_in_order_then_done(raw_worker, small_ct, tmp_path, single_torch_thread):
     """The issue's smallest job: progress lines in order, then done with the output; nothing else on stdout."""
     from polycl.inference import Segmenter
-    from polycl.io import read_mask
+    from polycl.io.volumes import read_mask
 
     ct_path, _, array, _, matrix = small_ct
     out = tmp_path / "liver.nii.gz"
@@ -191,7 +191,7 @@ def test_bad_jobs_give_one_line_errors_and_the_worker_stays_usable(raw_worker, s
 @pytest.fixture(scope="module")
 def long_ct(labeled_case, tmp_path_factory) -> Path:
     """totalseg_dcm (512 x 512) stacked six times: 120 slices, 30 segmentation batches of 4."""
-    from polycl.io import write_volume
+    from polycl.io.volumes import write_volume
 
     ct, _ = labeled_case("totalseg_dcm")
     return write_volume(tmp_path_factory.mktemp("long") / "ct120.nrrd", np.concatenate([ct.array] * 6, axis=2),
@@ -318,7 +318,7 @@ def test_sigkill_mid_job_fails_in_one_line_scene_unchanged_next_job_uses_a_fresh
 def test_refine_an_existing_segment_matches_the_engine_and_keeps_the_original(logic_scene, small_ct):
     from PolyCLSlicerLib import mrml
 
-    from polycl.sam_refine import build_refiner, refine_volume
+    from polycl.sam.refine import build_refiner, refine_volume
 
     litemedsam_available()
     logic, scene, volume = logic_scene
@@ -387,7 +387,7 @@ import sys
 sys.path.insert(0, {str(MODULE_DIR)!r})
 import PolyCLSlicer
 from PolyCLSlicerLib import mrml
-from polycl.io import read_volume
+from polycl.io.volumes import read_volume
 ct = read_volume({str(small_ct[0])!r})
 scene = mrml.new_scene()
 volume = mrml.add_volume_node(scene, ct.array, ct.ijk_to_ras, "ct")
@@ -419,7 +419,7 @@ def test_python_executable_inside_the_app_is_pythonslicer(monkeypatch, tmp_path)
 
 def test_atomic_write_never_changes_the_process_umask(tmp_path, monkeypatch):
     """Writing a file must not toggle the process-wide umask (other threads create files meanwhile)."""
-    from polycl.io import write_mask
+    from polycl.io.volumes import write_mask
 
     previous = os.umask(0o027)
     try:

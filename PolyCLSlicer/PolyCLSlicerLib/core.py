@@ -11,7 +11,7 @@ import json
 import os
 from pathlib import Path
 
-from polycl.pipeline import checkpoint_path, starter_checkpoint
+from polycl.nets.model_card import checkpoint_path, starter_checkpoint
 
 __all__ = ["checkpoint_path", "describe_card", "read_card_header", "starter_checkpoint"]
 

@@ -1,6 +1,6 @@
 """Human in the loop (paint a few slices -> finetune -> suggest the next slice), Slicer side, without torch.
 
-The rules live in ``polycl.sparse`` (numpy only); the model runs in the worker (task ``suggest``).
+The rules live in ``polycl.training.sparse`` (numpy only); the model runs in the worker (task ``suggest``).
 Slice numbers are array indices ``k`` along the volume's axial axis (what the slice views show).
 """
 
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from polycl.sparse import is_sparse_annotation
+from polycl.training.sparse import is_sparse_annotation
 
 FINETUNE_SLICE_MODES = ("auto", "annotated", "all")
 

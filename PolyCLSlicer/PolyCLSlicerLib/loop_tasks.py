@@ -86,7 +86,7 @@ class LoopTasks:
     ) -> loop.SliceChoice:
         """Annotated slices or whole volume: ``auto`` picks annotated slices when a liver segment's slices are
         not contiguous or cover less than half of the model's liver extent (the model runs only then)."""
-        from polycl.sparse import annotated_slices
+        from polycl.training.sparse import annotated_slices
 
         painted, extents, counts = {}, {}, {}
         for volume, segmentation, segmentId in self._liverSegments(volumeNodes, segmentationNodes, segmentIds):

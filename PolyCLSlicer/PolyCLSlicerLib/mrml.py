@@ -18,7 +18,7 @@ import vtk
 from vtk.util import numpy_support
 
 from polycl import geometry
-from polycl.io import atomic_write
+from polycl.io.base import atomic_write
 
 LIVER_SEGMENT_NAME = "Liver"
 REVIEW_ATTRIBUTE = "PolyCL.Review"

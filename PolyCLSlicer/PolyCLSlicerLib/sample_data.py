@@ -36,7 +36,7 @@ def register() -> None:
 
 def sha256(path: str | os.PathLike) -> str:
     """Checksum in Slicer's SampleData notation (``SHA256:<hex>``)."""
-    from polycl.samples import sha256_of
+    from polycl.io.samples import sha256_of
 
     return f"SHA256:{sha256_of(Path(path))}"
 

@@ -135,7 +135,7 @@ class SceneHelpers:
     @staticmethod
     def loadVolume(scene: Any, path: str | os.PathLike, name: str | None = None) -> vtkMRMLScalarVolumeNode:
         """Read a CT (NIfTI / NRRD / MHA / DICOM folder) through polycl.io into a new volume node."""
-        from polycl.io import read_volume
+        from polycl.io.volumes import read_volume
 
         volume = read_volume(path)
         return mrml.add_volume_node(scene, volume.array, volume.ijk_to_ras, name or Path(path).name.split(".")[0])
@@ -148,6 +148,6 @@ class SceneHelpers:
         path: str | os.PathLike,
     ) -> Path:
         """Write one segment as a binary mask (NIfTI / NRRD) on the volume's grid."""
-        from polycl.io import write_mask
+        from polycl.io.volumes import write_mask
 
         return write_mask(path, mrml.segment_mask(segmentationNode, segmentId, volumeNode), mrml.ijk_to_ras(volumeNode))

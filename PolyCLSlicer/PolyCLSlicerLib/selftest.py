@@ -59,7 +59,7 @@ class SelfTestSteps:
         return volume, mrml.segment_mask(reference, reference.GetSegmentation().GetNthSegmentID(0), volume)
 
     def _localSample(self) -> tuple[slicer.vtkMRMLScalarVolumeNode, np.ndarray]:
-        from polycl.io import read_mask
+        from polycl.io.volumes import read_mask
 
         ct, liver = sample_data.local_files(os.environ.get("POLYCL_DATA", DATA_DIR))
         if not ct.exists():

@@ -54,7 +54,7 @@ class JobOutput:
 
     def mask(self, name: str = "mask") -> np.ndarray:
         """An output mask (the worker writes uint8 0/1) as a uint8 [i, j, k] array."""
-        from polycl.io import read_volume
+        from polycl.io.volumes import read_volume
 
         return np.asarray(read_volume(self.files[name]).array, np.uint8)
 
@@ -145,7 +145,7 @@ class TaskRunner:
 
     def start(self) -> TaskRunner:
         """Write the inputs and send the job (main thread; returns at once)."""
-        from polycl.io import write_volume
+        from polycl.io.volumes import write_volume
 
         job = self.task.job
         self.folder = Path(tempfile.mkdtemp(prefix="polycl-job-", dir=self.client.temp_root))

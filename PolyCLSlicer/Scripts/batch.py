@@ -149,7 +149,7 @@ def write_summary(path: Path, rows: list[tuple[str, ...]], header: tuple[str, ..
     """The batch's table as CSV beside its outputs (written atomically)."""
     import csv
 
-    from polycl.io import atomic_write
+    from polycl.io.base import atomic_write
 
     def write(temp: Path) -> None:
         with open(temp, "w", newline="", encoding="utf-8") as handle:

@@ -68,3 +68,8 @@ class CanonicalOrientation:
 def axial_axis(ijk_to_ras: np.ndarray) -> int:
     """Index of the array axis closest to the patient's superior-inferior axis."""
     return CanonicalOrientation.from_matrix(ijk_to_ras).slice_axis
+
+
+def voxel_spacing(ijk_to_ras: np.ndarray) -> np.ndarray:
+    """Spacing in mm along i, j, k (column norms of the matrix)."""
+    return np.linalg.norm(np.asarray(ijk_to_ras, float)[:3, :3], axis=0)

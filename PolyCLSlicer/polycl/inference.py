@@ -7,44 +7,17 @@ import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
-import SimpleITK as sitk
 import torch
 
-from .checkpoints import load_checkpoint
-from .context import context_batch, context_slices
 from .devices import autocast_context, configure_precision, place, resolve_device
 from .field_of_view import FieldOfView, check_field_of_view
-from .models import SegmentationNet
-from .preprocessing import CanonicalOrientation, resize_slices, validate_ct, window
+from .geometry import CanonicalOrientation
+from .masks import keep_largest_component
+from .nets.checkpoints import load_checkpoint
+from .nets.unet import SegmentationNet
+from .nets.unet25d import context_batch, context_slices
+from .preprocessing import resize_slices, validate_ct, window
 from .progress import CancelFlag, ProgressFn, check_cancel, no_progress
-
-
-def bounding_box(mask: np.ndarray) -> tuple[slice, ...] | None:
-    """The smallest box (one slice per axis) holding every non-zero voxel; None for an empty mask."""
-    box = []
-    for axis in range(mask.ndim):
-        hits = np.flatnonzero(np.any(mask, axis=tuple(a for a in range(mask.ndim) if a != axis)))
-        if hits.size == 0:
-            return None
-        box.append(slice(int(hits[0]), int(hits[-1]) + 1))
-    return tuple(box)
-
-
-def keep_largest_component(mask: np.ndarray) -> np.ndarray:
-    """Largest fully connected (26 in 3D) component of a binary mask, as bool.
-
-    Labelled by ITK (multi-threaded, no scipy import) inside the mask's bounding box only: a liver
-    fills a small part of a CT, so most of the volume is never scanned.
-    """
-    mask = np.asarray(mask) != 0
-    box = bounding_box(mask)
-    if box is None:
-        return mask
-    crop = sitk.GetImageFromArray(np.ascontiguousarray(mask[box], np.uint8))
-    by_size = sitk.RelabelComponent(sitk.ConnectedComponent(crop, True), 0, True)  # label 1: the largest
-    kept = np.zeros_like(mask)
-    kept[box] = sitk.GetArrayFromImage(by_size == 1) != 0
-    return kept
 
 
 @dataclass

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
-from .io import voxel_spacing
+from .geometry import voxel_spacing
 
 
 def dice(prediction: np.ndarray, reference: np.ndarray) -> float:
@@ -59,7 +59,7 @@ def per_slice_dice(prediction: np.ndarray, reference: np.ndarray, axis: int) -> 
 
 def evaluate(prediction: np.ndarray, reference: np.ndarray, ijk_to_ras: np.ndarray) -> dict[str, float]:
     """Dice, HD, HD95 (mm) and the mean 2D per-slice Dice over axial slices."""
-    from .preprocessing import axial_axis
+    from .geometry import axial_axis
 
     if np.shape(prediction) != np.shape(reference):
         raise ValueError(f"prediction shape {np.shape(prediction)} differs from reference {np.shape(reference)}")

@@ -2,7 +2,7 @@
 
 Arrays (``[i, j, k]`` + IJK->RAS) in, arrays out, with one progress callback and one cancel flag per
 call.  A :class:`ModelCache` keeps the last segmentation network and the SAM 2 tracker loaded; SAM /
-LiteMedSAM refiners (and their embedding caches) come from :func:`polycl.sam_refine.shared_refiner`.
+LiteMedSAM refiners (and their embedding caches) come from :func:`polycl.sam.refine.shared_refiner`.
 Importing this module does not import torch (the Slicer side uses :func:`checkpoint_path`).
 """
 
@@ -12,17 +12,16 @@ import os
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from .nets.model_card import checkpoint_path
 from .progress import CancelFlag, ProgressFn, check_cancel, no_progress
 
 REFINERS = ("none", "litemedsam", "sam", "sam2")
 PROPAGATION_ENGINES = ("auto", "sam2", "litemedsam")
 DIRECTIONS = ("both", "up", "down")
-STARTER_NAME = "polycl_liver_starter.safetensors"
 
 
 def scaled(progress: ProgressFn, start: float, end: float, prefix: str = "") -> ProgressFn:
@@ -34,21 +33,9 @@ def scaled(progress: ProgressFn, start: float, end: float, prefix: str = "") -> 
     return report
 
 
-def starter_checkpoint() -> Path:
-    """The bundled starter model file (``checkpoints.STARTER_CHECKPOINT``, without importing torch)."""
-    return Path(__file__).resolve().parent / "weights" / STARTER_NAME
-
-
-def checkpoint_path(checkpoint: str | os.PathLike | None) -> Path:
-    """Resolved checkpoint file (the bundled starter model when None or empty)."""
-    if checkpoint is None or str(checkpoint).strip() in ("", "."):
-        return starter_checkpoint()
-    return Path(checkpoint).expanduser().resolve()
-
-
 def model_card(checkpoint: str | os.PathLike | None) -> dict:
     """The model card of a checkpoint (validated; raises CheckpointError with a clear message)."""
-    from .checkpoints import read_checkpoint
+    from .nets.checkpoints import read_checkpoint
 
     return read_checkpoint(checkpoint_path(checkpoint))[1]
 
@@ -82,7 +69,7 @@ class ModelCache:
     def refiner(name: str, checkpoint: str | os.PathLike | None = None, model_type: str | None = None,
                 config: str | None = None, device: str = "auto") -> Any:
         """The session refiner for these settings (its embedding cache survives between calls)."""
-        from .sam_refine import shared_refiner
+        from .sam.refine import shared_refiner
 
         if name not in REFINERS[1:]:
             raise ValueError(f"unknown refiner {name!r}; use one of {', '.join(REFINERS[1:])}")
@@ -95,14 +82,14 @@ class ModelCache:
     def tracker(self, engine: str, checkpoint: str | None = None, config: str | None = None,
                 device: str = "auto") -> Any:
         """Propagation engine; the LiteMedSAM chain shares the refiner (and its embedding cache)."""
-        from . import sam2_propagation
+        from .sam import propagation
 
         if engine == "sam2":
             if not checkpoint:
                 raise ValueError("SAM 2 propagation needs a SAM 2 checkpoint file (Model section)")
             key = ("sam2", checkpoint, config, device)
-            return self._get("tracker", key, lambda: sam2_propagation.build_sam2_tracker(checkpoint, config, device))
-        return sam2_propagation.ChainTracker(self.refiner("litemedsam", device=device))
+            return self._get("tracker", key, lambda: propagation.build_sam2_tracker(checkpoint, config, device))
+        return propagation.ChainTracker(self.refiner("litemedsam", device=device))
 
     def clear(self) -> None:
         with self._lock:
@@ -125,7 +112,7 @@ def segment(models: ModelCache, array: np.ndarray, matrix: np.ndarray, checkpoin
             sam_model: str = "vit_b", sam2_config: str | None = None, progress: ProgressFn | None = None,
             cancel: CancelFlag | None = None) -> SegmentOutput:
     """PolyCL segmentation, then SAM-family box refinement when ``refiner`` is not 'none'."""
-    from .preprocessing import axial_axis
+    from .geometry import axial_axis
 
     progress = progress or no_progress
     if refiner not in REFINERS:
@@ -149,8 +136,8 @@ def refine(models: ModelCache, array: np.ndarray, matrix: np.ndarray, mask: np.n
            sam2_config: str | None = None, device: str = "auto", progress: ProgressFn | None = None,
            cancel: CancelFlag | None = None) -> SegmentOutput:
     """SAM-family box refinement of an existing mask (e.g. a hand-corrected liver)."""
-    from .preprocessing import axial_axis
-    from .sam_refine import refine_volume
+    from .geometry import axial_axis
+    from .sam.refine import refine_volume
 
     progress = progress or no_progress
     if not np.any(mask):
@@ -185,8 +172,8 @@ def propagate(models: ModelCache, array: np.ndarray, matrix: np.ndarray, annotat
               device: str = "auto", progress: ProgressFn | None = None,
               cancel: CancelFlag | None = None) -> PropagateOutput:
     """One annotated slice -> volume: SAM 2 when a checkpoint is configured, else LiteMedSAM box chaining."""
-    from . import sam2_propagation
-    from .preprocessing import axial_axis
+    from .geometry import axial_axis
+    from .sam import propagation
 
     if engine not in PROPAGATION_ENGINES:
         raise ValueError(f"unknown propagation engine {engine!r}; use one of {', '.join(PROPAGATION_ENGINES)}")
@@ -197,7 +184,7 @@ def propagate(models: ModelCache, array: np.ndarray, matrix: np.ndarray, annotat
     progress = progress or no_progress
     progress(0.0, f"loading {engine}")
     tracker = models.tracker(engine, None if sam2_checkpoint is None else str(sam2_checkpoint), sam2_config, device)
-    result = sam2_propagation.propagate_from_annotation(
+    result = propagation.propagate_from_annotation(
         array, matrix, annotation, engine=engine, direction=direction, bounds=None if bounds is None else tuple(bounds),
         guide_mask=guide if guide is not None and np.any(guide) else None, device=device, tracker=tracker,
         progress=progress, cancel=cancel)
@@ -213,9 +200,9 @@ def finetune(pairs: list[tuple[np.ndarray, np.ndarray, np.ndarray, str]], output
 
     ``slices="annotated"`` trains only on slices with mask foreground plus ``empty_slices`` (polycl.sparse).
     """
-    from .finetuning import FinetuneConfig
-    from .finetuning import finetune as run_finetune
-    from .io import Volume
+    from .io.base import Volume
+    from .training.config import FinetuneConfig
+    from .training.finetuning import finetune as run_finetune
 
     progress = progress or no_progress
     card = model_card(init)
@@ -245,8 +232,8 @@ def suggest(models: ModelCache, array: np.ndarray, matrix: np.ndarray, checkpoin
             progress: ProgressFn | None = None, cancel: CancelFlag | None = None) -> dict:
     """Slices to paint next (polycl.suggest) and the model's liver extent, as array indices along the axial
     axis: ``{"slices", "scores", "axis", "annotated", "liver_extent"}``; annotated slices are never suggested."""
-    from .sparse import annotated_slices
     from .suggest import suggest_slices
+    from .training.sparse import annotated_slices
 
     progress = progress or no_progress
     progress(0.0, "loading model")

@@ -6,8 +6,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .geometry import CANONICAL_AXES_RAS, CanonicalOrientation, axial_axis  # noqa: F401  (re-exported)
-
 WINDOW_CENTER = 40.0
 WINDOW_WIDTH = 400.0
 

@@ -23,13 +23,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .context import context_batch
 from .devices import autocast_context
 from .field_of_view import FieldOfView
+from .geometry import CanonicalOrientation
 from .inference import Segmenter
-from .preprocessing import CanonicalOrientation, validate_ct, window
+from .nets.unet25d import context_batch
+from .preprocessing import validate_ct, window
 from .progress import CancelFlag, ProgressFn, check_cancel, no_progress
-from .sparse import canonical_index
+from .training.sparse import canonical_index
 
 # (zoom, rotation in degrees, intensity gain) of each test-time pass
 TTA_PASSES = ((1.0, 0.0, 1.0), (1.12, 0.0, 1.0), (0.9, 0.0, 1.0), (1.0, 10.0, 1.08))

@@ -233,7 +233,7 @@ def output_path(job: Job, name: str) -> Path:
 
 
 def read_grid_mask(job: Job, name: str, volume: Any, required: bool = True) -> Any:
-    from .io import read_mask
+    from .io.volumes import read_mask
 
     path = input_path(job, name, required)
     return None if path is None else read_mask(path, volume).array
@@ -243,7 +243,7 @@ def write_masks(job: Job, masks: dict[str, Any], matrix: Any) -> dict[str, str]:
     """Write each requested mask atomically (uncompressed: a hand-over file); returns their paths.
 
     The pipeline's masks are uint8 0/1 already: written as they are, without write_mask's copies."""
-    from .io import write_volume
+    from .io.volumes import write_volume
 
     paths = {name: output_path(job, name) for name in masks if name in job.outputs}
     if not paths:
@@ -258,7 +258,7 @@ REFINE_OPTIONS = {"refiner": "litemedsam", "refiner_checkpoint": None, "sam_mode
 
 def run_segment(worker: Worker, job: Job, progress: Callable) -> tuple[dict, dict]:
     from . import pipeline
-    from .io import read_volume
+    from .io.volumes import read_volume
 
     options = options_of(job, {"checkpoint": None, **REFINE_OPTIONS, "refiner": "none"})
     volume = read_volume(input_path(job, "volume"))
@@ -269,7 +269,7 @@ def run_segment(worker: Worker, job: Job, progress: Callable) -> tuple[dict, dic
 
 def run_refine(worker: Worker, job: Job, progress: Callable) -> tuple[dict, dict]:
     from . import pipeline
-    from .io import read_volume
+    from .io.volumes import read_volume
 
     options = options_of(job, REFINE_OPTIONS)
     volume = read_volume(input_path(job, "volume"))
@@ -286,7 +286,7 @@ def _mask_output(job: Job, out: Any, matrix: Any) -> tuple[dict, dict]:
 
 def run_propagate(worker: Worker, job: Job, progress: Callable) -> tuple[dict, dict]:
     from . import pipeline
-    from .io import read_volume
+    from .io.volumes import read_volume
 
     options = options_of(job, {"engine": "auto", "sam2_checkpoint": None, "sam2_config": None, "direction": "both",
                                "bounds": None, "device": "auto"})
@@ -301,7 +301,7 @@ def run_propagate(worker: Worker, job: Job, progress: Callable) -> tuple[dict, d
 
 def run_finetune(worker: Worker, job: Job, progress: Callable) -> tuple[dict, dict]:
     from . import pipeline
-    from .io import read_mask, read_volume
+    from .io.volumes import read_mask, read_volume
 
     options = options_of(job, {"init": None, "epochs": 20, "learning_rate": 1e-4, "device": "auto",
                                "batch_size": 10, "val_fraction": 0.2, "names": None, "slices": "all",
@@ -322,7 +322,7 @@ def run_finetune(worker: Worker, job: Job, progress: Callable) -> tuple[dict, di
 def run_suggest(worker: Worker, job: Job, progress: Callable) -> tuple[dict, dict]:
     """Slices to paint next; input ``annotated`` (optional mask) marks slices never to suggest."""
     from . import pipeline
-    from .io import read_volume
+    from .io.volumes import read_volume
 
     options = options_of(job, {"checkpoint": None, "count": 1, "device": "auto"})
     volume = read_volume(input_path(job, "volume"))
