@@ -32,6 +32,7 @@ from PolyCLSlicerLib import (  # noqa: E402
     mrml,
     sample_data,
     selftest,
+    terminology,
 )
 from PolyCLSlicerLib.loop_tasks import LoopTasks  # noqa: E402
 from PolyCLSlicerLib.panel_jobs import PanelJob, PanelJobs  # noqa: E402
@@ -108,7 +109,7 @@ def onStartupCompleted() -> None:
     """Once all modules are loaded, before command-line scripts run: segments made by the batch script or
     the Python console before the panel is opened already point at a loaded terminology."""
     registerSampleData()
-    mrml.register_terminology()
+    terminology.register_terminology()
 
 
 registerSampleData = sample_data.register

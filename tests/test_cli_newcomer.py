@@ -304,19 +304,20 @@ def test_seg_nrrd_from_the_cli_carries_the_liver_segment(tmp_path, capsys):
 
 def test_seg_nrrd_terminology_matches_the_slicer_module_and_slicer_reads_it(tmp_path):
     pytest.importorskip("slicer")
-    from PolyCLSlicerLib import mrml
+    from PolyCLSlicerLib import mrml, terminology
 
     from polycl.io.seg_nrrd import LIVER_TERMINOLOGY
     from polycl.io.volumes import write_mask
 
-    terminology, _ = mrml.liver_terminology()
-    assert LIVER_TERMINOLOGY == terminology
+    entry, _ = terminology.liver_terminology()
+    assert LIVER_TERMINOLOGY == entry
     mask = np.zeros((12, 10, 4), np.uint8)
     mask[2:6, 3:8, 1:3] = 1
     write_mask(tmp_path / "liver.seg.nrrd", mask, np.diag([0.7, 0.7, 2.0, 1.0]))
     node = mrml.load_segmentation(mrml.new_scene(), tmp_path / "liver.seg.nrrd")
     segment = node.GetSegmentation().GetNthSegment(0)
-    assert segment.GetName() == "Liver" and mrml.is_liver_segment(segment) and "^10200004^" in segment.GetTerminology()
+    assert segment.GetName() == "Liver" and terminology.is_liver_segment(segment)
+    assert "^10200004^" in segment.GetTerminology()
 
 
 def test_evaluate_an_empty_prediction_prints_strict_json(tmp_path, capsys):

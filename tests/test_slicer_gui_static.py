@@ -173,15 +173,15 @@ def test_importing_the_module_loads_neither_torch_nor_qt():
 
 
 def test_resources_are_real(tmp_path):
-    from PolyCLSlicerLib import dependencies, mrml
+    from PolyCLSlicerLib import dependencies, terminology
 
     png = (MODULE_DIR / "Resources" / "Icons" / "PolyCLSlicer.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 500
-    content = json.loads(mrml.TERMINOLOGY_FILE.read_text(encoding="utf-8"))
+    content = json.loads(terminology.TERMINOLOGY_FILE.read_text(encoding="utf-8"))
     (category,) = content["SegmentationCodes"]["Category"]
     assert (category["CodingSchemeDesignator"], category["CodeValue"]) == ("SCT", "123037004")
     assert [(t["CodeValue"], t["CodeMeaning"]) for t in category["Type"]] == [("10200004", "Liver")]
-    text, color = mrml.liver_terminology()
+    text, color = terminology.liver_terminology()
     assert text.startswith(content["SegmentationCategoryTypeContextName"] + "~SCT^123037004^")
     assert all(0 <= c <= 1 for c in color)
     listed = {r.split("=")[0].split(">")[0].split("<")[0].lower() for r in dependencies.file_requirements()}

@@ -22,7 +22,7 @@ sys.path.insert(0, str(ROOT / "PolyCLSlicer"))
 
 slicer = pytest.importorskip("slicer", reason="slicer-core is not installed (pip install 'slicer-core==5.11.0.*')")
 import vtk  # noqa: E402
-from PolyCLSlicerLib import core, mrml  # noqa: E402
+from PolyCLSlicerLib import core, mrml, terminology  # noqa: E402
 from PolyCLSlicerLib.tasks import TaskRunner  # noqa: E402
 
 from conftest import oblique_matrix  # noqa: E402
@@ -226,7 +226,7 @@ def test_middle_slice_and_review_rows(case_arrays, scene, logic):
     volume = mrml.add_volume_node(scene, array, matrix, "ct")
     segmentation = mrml.new_segmentation_node(volume)
     liver_id = add_segment(segmentation, "Liver", reference, matrix)
-    mrml.set_liver_terminology(segmentation.GetSegmentation().GetSegment(liver_id))
+    terminology.set_liver_terminology(segmentation.GetSegmentation().GetSegment(liver_id))
     axis = mrml.axial_axis(matrix)
     slices = np.flatnonzero(reference.any(axis=tuple(a for a in range(3) if a != axis)))
     position = logic.middleSlicePosition(volume, segmentation)
@@ -329,7 +329,7 @@ def training_scene(case_arrays, scene, tmp_path):
         volume = mrml.add_volume_node(scene, part, part_matrix, f"ct{index}")
         segmentation = mrml.new_segmentation_node(volume)
         segment_id = add_segment(segmentation, "Liver", reference[:, :, k0:k1], part_matrix)
-        mrml.set_liver_terminology(segmentation.GetSegmentation().GetSegment(segment_id))
+        terminology.set_liver_terminology(segmentation.GetSegmentation().GetSegment(segment_id))
         volumes.append(volume)
         segmentations.append(segmentation)
     init = tiny_checkpoint(tmp_path / "init.safetensors")
@@ -391,7 +391,7 @@ def test_seg_nrrd_round_trip_preserves_geometry(case, case_arrays, scene, tmp_pa
     volume = mrml.add_volume_node(scene, array, matrix, "ct")
     segmentation = mrml.new_segmentation_node(volume)
     segment_id = add_segment(segmentation, "Liver", reference, matrix)
-    mrml.set_liver_terminology(segmentation.GetSegmentation().GetSegment(segment_id))
+    terminology.set_liver_terminology(segmentation.GetSegmentation().GetSegment(segment_id))
     path = mrml.save_segmentation(segmentation, tmp_path / "liver.seg.nrrd")
 
     reloaded = mrml.load_segmentation(scene, path)

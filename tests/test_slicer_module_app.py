@@ -57,7 +57,7 @@ def test_terminology_and_sample_data_are_registered_at_startup_before_the_panel_
     app.module.PolyCLSlicer(types.SimpleNamespace())  # Slicer instantiates the module class at startup
     assert loaded == [] and samples == []
     fake_app.emit("startupCompleted()")  # no Widget was ever created
-    assert loaded == [str(app.module.mrml.TERMINOLOGY_FILE)] and Path(loaded[0]).is_file()
+    assert loaded == [str(app.module.terminology.TERMINOLOGY_FILE)] and Path(loaded[0]).is_file()
     assert [s["sampleName"] for s in samples] == ["PolyCLLiverCT"]
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 slicer = pytest.importorskip("slicer", reason="slicer-core is not installed")
-from PolyCLSlicerLib import mrml, undo  # noqa: E402
+from PolyCLSlicerLib import mrml, terminology, undo  # noqa: E402
 
 from conftest import closed_surface_segmentation, oblique_matrix  # noqa: E402
 
@@ -74,7 +74,7 @@ def test_failed_replace_restores_the_existing_liver_segment(scene, volume):
     with pytest.raises(mrml.GeometryError):
         with undo.undo_on_error(scene, node, changes_existing_segments=True):
             segment = node.GetSegmentation().GetSegment(liver_id)
-            mrml.set_liver_terminology(segment)  # what replace mode does before writing
+            terminology.set_liver_terminology(segment)  # what replace mode does before writing
             segment.SetName("Liver (PolyCL)")
             mrml.store_review(node, liver_id, 2, [{"slice": 1, "dice": 0.5}])
             extra = node.GetSegmentation().AddEmptySegment("", "Liver (2)")

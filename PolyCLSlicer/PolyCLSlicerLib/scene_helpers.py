@@ -15,7 +15,7 @@ import numpy as np
 import slicer
 from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
 
-from . import mrml
+from . import mrml, terminology
 
 
 class SceneHelpers:
@@ -26,7 +26,7 @@ class SceneHelpers:
         """A new empty segment ``name`` (made unique) with the liver terminology."""
         uniqueName = mrml.unique_segment_name(segmentationNode, name)
         segmentId = segmentationNode.GetSegmentation().AddEmptySegment("", uniqueName)
-        mrml.set_liver_terminology(segmentationNode.GetSegmentation().GetSegment(segmentId))
+        terminology.set_liver_terminology(segmentationNode.GetSegmentation().GetSegment(segmentId))
         return segmentId
 
     def annotationSegment(self, segmentationNode: vtkMRMLSegmentationNode) -> str:
@@ -70,7 +70,7 @@ class SceneHelpers:
         for index in range(segmentation.GetNumberOfSegments()):
             segment = segmentation.GetNthSegment(index)
             name = segment.GetName().strip().lower()
-            if mrml.is_liver_segment(segment) and "annotation" not in name:
+            if terminology.is_liver_segment(segment) and "annotation" not in name:
                 candidates.append((name != "liver", index, segmentation.GetNthSegmentID(index)))
         for _, _, segmentId in sorted(candidates):
             if nonEmptyOn is None or mrml.segment_mask(segmentationNode, segmentId, nonEmptyOn).any():

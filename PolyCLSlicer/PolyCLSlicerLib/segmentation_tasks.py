@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
 
-from . import core, mrml
+from . import core, mrml, terminology
 from .parameters import absolutePath
 from .report import SegmentReport
 from .tasks import MaskResult, Task, WorkerJob
@@ -238,7 +238,7 @@ class SegmentationTasks:
         existing = mrml.segment_id_by_name(segmentationNode, name)
         if overwrite and existing:
             segmentId = existing
-            mrml.set_liver_terminology(segmentationNode.GetSegmentation().GetSegment(segmentId))
+            terminology.set_liver_terminology(segmentationNode.GetSegmentation().GetSegment(segmentId))
             return segmentId
         return self.newLiverSegment(segmentationNode, name)
 
