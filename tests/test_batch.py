@@ -29,7 +29,8 @@ def batch_checkpoint(tmp_path_factory) -> Path:
 
 @pytest.fixture()
 def batch_folder(data_dir, labeled_case, tmp_path) -> Path:
-    """Two small real CTs (one cropped, one oblique NRRD), a corrupt file, a non-CT file and a stray text file."""
+    """Two small real CTs (one cropped, one oblique NRRD), a corrupt file, a non-CT file, a CT with no liver in view
+    (the pelvis of TotalSegmentator's whole-body CT) and a stray text file."""
     from test_slicer_logic import crop, oblique
 
     from polycl.io.volumes import write_volume
@@ -42,6 +43,12 @@ def batch_folder(data_dir, labeled_case, tmp_path) -> Path:
     write_volume(folder / "b_oblique.nrrd", array, matrix)
     (folder / "c_corrupt.nii.gz").write_bytes(b"\x1f\x8b not really gzip")
     write_volume(folder / "d_flat.nrrd", np.zeros((16, 16, 4), np.int16), np.eye(4))  # every voxel equal
+    from test_liver_presence import canonical_crop
+
+    from polycl.io.volumes import read_volume
+
+    pelvis = canonical_crop(read_volume(data_dir / "unlabeled" / "totalseg_full_ct.nii.gz"), 0, 29)
+    write_volume(folder / "e_pelvis.nii.gz", pelvis.array, pelvis.ijk_to_ras)
     (folder / "notes.txt").write_text("not a volume")
     return folder
 
@@ -57,17 +64,22 @@ def test_batch_processes_good_files_and_reports_bad_ones(batch_folder, batch_che
     done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 1, done.stdout + done.stderr
     table = done.stdout
-    assert "input" in table and "status" in table and "2 of 4 processed, 0 skipped (outputs exist), 2 failed" in table
+    assert "input" in table and "status" in table and "3 of 5 processed, 0 skipped (outputs exist), 2 failed, " \
+        "1 with no liver found" in table
     lines = {line.split()[0]: line for line in table.splitlines() if line and line.split()[0].endswith(
         (".nii.gz", ".nrrd"))}
-    assert set(lines) == {"a_dcmqi.nii.gz", "b_oblique.nrrd", "c_corrupt.nii.gz", "d_flat.nrrd"}
+    assert set(lines) == {"a_dcmqi.nii.gz", "b_oblique.nrrd", "c_corrupt.nii.gz", "d_flat.nrrd", "e_pelvis.nii.gz"}
     assert " ok " in lines["a_dcmqi.nii.gz"] and " ok " in lines["b_oblique.nrrd"]
     assert "FAILED" in lines["c_corrupt.nii.gz"] and "not a readable" in lines["c_corrupt.nii.gz"]
     assert "FAILED" in lines["d_flat.nrrd"] and "empty" in lines["d_flat.nrrd"]
+    assert " no liver " in lines["e_pelvis.nii.gz"] and "no liver found:" in lines["e_pelvis.nii.gz"]
     assert sorted(p.name for p in out.iterdir()) == ["a_dcmqi.seg.nrrd", "a_dcmqi_liver.nii.gz",
-                                                     "b_oblique.seg.nrrd", "b_oblique_liver.nii.gz", "summary.csv"]
+                                                     "b_oblique.seg.nrrd", "b_oblique_liver.nii.gz",
+                                                     "e_pelvis.seg.nrrd", "e_pelvis_liver.nii.gz", "summary.csv"]
+    assert not read_volume(out / "e_pelvis_liver.nii.gz").array.any()  # an empty mask, not a guess
     summary = (out / "summary.csv").read_text()
     assert all(name in summary for name in lines) and summary.count("FAILED") == 2
+    assert "e_pelvis.nii.gz,no liver,0.0," in summary
     for stem, source in (("a_dcmqi", "a_dcmqi.nii.gz"), ("b_oblique", "b_oblique.nrrd")):
         ct = read_volume(batch_folder / source)
         seg = slicerio.read_segmentation(str(out / f"{stem}.seg.nrrd"))

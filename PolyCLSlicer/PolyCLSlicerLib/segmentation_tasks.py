@@ -218,7 +218,9 @@ class SegmentationTasks:
             mrml.write_segment_mask(node, segmentId, output.mask, matrix)
             rows = self._storeReview(node, segmentId, volumeNode, output) if review else []
         warnings = output.warnings if review else []
-        return self._report(node, segmentId, output.mask, matrix, output.axis, started, warnings, rows)
+        report = self._report(node, segmentId, output.mask, matrix, output.axis, started, warnings, rows)
+        report.liver = getattr(output, "liver", None)
+        return report
 
     @staticmethod
     def _storeReview(node: vtkMRMLSegmentationNode, segmentId: str, volumeNode: vtkMRMLScalarVolumeNode,

@@ -128,7 +128,8 @@ def run(args: argparse.Namespace) -> int:
                 for target in missing:  # polycl.io.write_mask: the writer `polycl segment` uses (.seg.nrrd: Liver)
                     logic.exportSegment(report.segmentationNode, report.segmentId, volume, target)
                 note = "; ".join([", ".join(t.name for t in missing), *report.warnings])
-                rows.append((path.name, "ok", f"{report.volumeMl:.1f}", str(len(report.slices)),
+                status = "ok" if report.liverFound else "no liver"
+                rows.append((path.name, status, f"{report.volumeMl:.1f}", str(len(report.slices)),
                              f"{time.perf_counter() - started:.1f}", note))
         except Exception as error:  # one bad file must not stop the batch
             message = (str(error).strip().splitlines() or [type(error).__name__])[-1]
@@ -139,9 +140,11 @@ def run(args: argparse.Namespace) -> int:
     header = ("input", "status", "liver ml", "slices", "seconds", "output / reason")
     print(format_table(rows, header))
     summary = write_summary(args.output / "summary.csv", rows, header)
-    count = {status: sum(row[1] == status for row in rows) for status in ("ok", "skipped", "FAILED")}
-    print(f"\n{count['ok']} of {len(inputs)} processed, {count['skipped']} skipped (outputs exist), "
-          f"{count['FAILED']} failed; outputs in {args.output}, table in {summary.name}")
+    count = {status: sum(row[1] == status for row in rows) for status in ("ok", "no liver", "skipped", "FAILED")}
+    processed = count["ok"] + count["no liver"]
+    print(f"\n{processed} of {len(inputs)} processed, {count['skipped']} skipped (outputs exist), "
+          f"{count['FAILED']} failed, {count['no liver']} with no liver found (empty masks); outputs in {args.output}, "
+          f"table in {summary.name}")
     return 1 if count["FAILED"] else 0
 
 

@@ -17,6 +17,7 @@ from .nets.checkpoints import load_checkpoint
 from .nets.unet import SegmentationNet
 from .nets.unet25d import context_batch, context_slices
 from .preprocessing import resize_slices, validate_ct, window
+from .presence import LiverCheck, assess_liver
 from .progress import CancelFlag, ProgressFn, check_cancel, no_progress
 
 
@@ -26,7 +27,8 @@ class SegmentationResult:
 
     probability: np.ndarray | None
     mask: np.ndarray
-    warnings: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # every note for the user: input checks, field of view, liver
+    liver: LiverCheck | None = None  # is there a liver in view (None: not checked)
 
 
 BODY_OUTSIDE_WARNING = 0.02  # share of body voxels outside a model's field of view that gets a warning
@@ -59,16 +61,16 @@ class Segmenter:
         return 4 if self.device.type == "cpu" else 16
 
     def field_of_view(self, canonical: np.ndarray, ijk_to_ras: np.ndarray,
-                      orientation: CanonicalOrientation) -> FieldOfView | None:
-        """The model's square on this canonical volume (None: whole slices); warns when it cuts the body."""
+                      orientation: CanonicalOrientation) -> tuple[FieldOfView | None, list[str]]:
+        """The model's square on this canonical volume (None: whole slices) and the note when it cuts the body."""
         if self.field_of_view_mm is None:
-            return None
+            return None, []
         view = FieldOfView.of_volume(canonical, ijk_to_ras, orientation, self.field_of_view_mm)
         outside = view.body_outside(canonical)
         if outside > BODY_OUTSIDE_WARNING:
-            warnings.warn(f"{outside:.0%} of the body lies outside the model's {self.field_of_view_mm:g} mm field "
-                          "of view (centred on the body): nothing there is labelled", stacklevel=3)
-        return view
+            return view, [f"{outside:.0%} of the body lies outside the model's {self.field_of_view_mm:g} mm field "
+                          "of view (centred on the body): nothing there is labelled"]
+        return view, []
 
     def to_network(self, batch: torch.Tensor, view: FieldOfView | None, start: int = 0) -> torch.Tensor:
         """Windowed (N, C, H, W) canonical slices ``start``.. -> the network's (N, C, S, S) input."""
@@ -80,8 +82,9 @@ class Segmenter:
                        cancel: CancelFlag | None = None, threshold: float | None = None,
                        view: FieldOfView | None = None) -> np.ndarray:
         """Probabilities for canonical (N, H, W) HU slices (inferior to superior: a 2.5D model's neighbours),
-        returned at (N, H, W); with ``threshold`` the uint8 mask ``probability > threshold`` instead (thresholded
-        batch by batch: no float copy of the volume).  A model with a field of view needs the volume's
+        returned at (N, H, W); with ``threshold`` a uint8 code instead, >= 128 exactly where ``probability >
+        threshold`` (``encode_probability``: thresholded batch by batch, no float copy of the volume).  A model
+        with a field of view needs the volume's
         ``view`` (``field_of_view``)."""
         if self.field_of_view_mm is not None and view is None:
             raise ValueError(f"this model sees a {self.field_of_view_mm:g} mm field of view: pass the volume's "
@@ -100,33 +103,60 @@ class Segmenter:
                     probability = torch.sigmoid(resize_slices(logits, (height, width)))[:, 0]
                 else:  # probabilities, so that outside the square is 0 and not sigmoid(0)
                     probability = view.from_network(torch.sigmoid(logits), slice(start, start + len(batch)))[:, 0]
-                out[start:start + batch_size] = (probability if threshold is None else probability > threshold).cpu()
+                out[start:start + batch_size] = (probability if threshold is None
+                                                 else encode_probability(probability, threshold)).cpu()
                 progress(min(1.0, (start + batch_size) / count), f"slice {min(count, start + batch_size)}/{count}")
         return out
 
     def segment(self, array: np.ndarray, ijk_to_ras: np.ndarray, batch_size: int | None = None,
                 threshold: float = 0.5, largest_component: bool = True, progress: ProgressFn = no_progress,
-                cancel: CancelFlag | None = None, probability: bool = False) -> SegmentationResult:
+                cancel: CancelFlag | None = None, probability: bool = False, check_liver: bool = True
+                ) -> SegmentationResult:
         """Segment the liver in a CT volume given as [i, j, k] HU array + IJK->RAS matrix.
 
-        The float32 probability map is kept only when ``probability`` is asked for (else None).
+        The float32 probability map is kept only when ``probability`` is asked for (else None).  With
+        ``check_liver`` the mask is judged (``polycl.presence``): no liver in view empties it, an implausible
+        one is flagged; either way ``warnings`` says so.
         """
         notes = validate_ct(array)
-        for note in notes:
-            warnings.warn(note, stacklevel=2)
         orientation = CanonicalOrientation.from_matrix(ijk_to_ras)
         canonical = orientation.to_canonical(array)
-        view = self.field_of_view(canonical, ijk_to_ras, orientation)
+        view, view_notes = self.field_of_view(canonical, ijk_to_ras, orientation)
         predicted = self.predict_slices(canonical, batch_size, progress, cancel, None if probability else threshold,
                                         view)
-        mask = predicted > threshold if probability else predicted
+        mask = predicted > threshold if probability else predicted >= 128
         if largest_component:
             mask = keep_largest_component(mask)
+        confidence = float(predicted[mask].mean()) if probability and mask.any() else \
+            mean_decoded(predicted, mask, threshold)
+        mask = np.ascontiguousarray(orientation.from_canonical(mask.view(np.uint8)))
+        liver = assess_liver(mask, confidence, array, ijk_to_ras) if check_liver else None
+        if liver is not None and not liver.found:
+            mask[:] = 0
+        notes += view_notes + ([liver.message] if liver is not None and liver.message else [])
+        for note in notes:
+            warnings.warn(note, stacklevel=2)
         return SegmentationResult(
             probability=np.ascontiguousarray(orientation.from_canonical(predicted)) if probability else None,
-            mask=np.ascontiguousarray(orientation.from_canonical(mask.view(np.uint8))),
-            warnings=notes,
+            mask=mask, warnings=notes, liver=liver,
         )
+
+
+def encode_probability(probability: torch.Tensor, threshold: float) -> torch.Tensor:
+    """uint8 code of a probability: 128-255 exactly where ``probability > threshold`` (the mask), the value in
+    128 steps on each side of the threshold (the model's confidence, at the memory cost of the mask)."""
+    above = probability > threshold
+    high = 128 + torch.floor((probability - threshold) / (1 - threshold) * 127.999)
+    low = torch.floor(probability / threshold * 127.999)
+    return torch.where(above, high, low).clamp(0, 255).to(torch.uint8)
+
+
+def mean_decoded(codes: np.ndarray, mask: np.ndarray, threshold: float) -> float:
+    """Mean probability inside ``mask`` from ``encode_probability`` codes (mid-step values); 0 when empty."""
+    if not mask.any():
+        return 0.0
+    above = codes[mask].astype(np.float64) - 128
+    return float(threshold + (above.mean() + 0.5) / 128 * (1 - threshold))
 
 
 def segment_volume(array: np.ndarray, ijk_to_ras: np.ndarray, checkpoint: str | os.PathLike | None = None,

@@ -105,6 +105,7 @@ class SegmentOutput:
     warnings: list[str]
     disagreements: list[dict]
     axis: int
+    liver: dict | None = None  # polycl.presence.LiverCheck.as_dict() of the network's mask (None: not checked)
 
 
 def segment(models: ModelCache, array: np.ndarray, matrix: np.ndarray, checkpoint: str | os.PathLike | None = None,
@@ -123,12 +124,13 @@ def segment(models: ModelCache, array: np.ndarray, matrix: np.ndarray, checkpoin
     check_cancel(cancel, "segmentation")
     result = segmenter.segment(array, matrix, progress=scaled(progress, 0.0, share, "segment: "), cancel=cancel)
     coarse = np.asarray(result.mask, np.uint8)
-    if refiner == "none":
-        return SegmentOutput(coarse, coarse, list(result.warnings), [], axial_axis(matrix))
+    liver = None if result.liver is None else result.liver.as_dict()
+    if refiner == "none" or not coarse.any():
+        return SegmentOutput(coarse, coarse, list(result.warnings), [], axial_axis(matrix), liver)
     refined = refine(models, array, matrix, coarse, refiner, refiner_checkpoint, sam_model, sam2_config, device,
                      scaled(progress, share, 1.0), cancel)
     return SegmentOutput(refined.mask, coarse, list(result.warnings) + refined.warnings, refined.disagreements,
-                         refined.axis)
+                         refined.axis, liver)
 
 
 def refine(models: ModelCache, array: np.ndarray, matrix: np.ndarray, mask: np.ndarray, refiner: str = "litemedsam",

@@ -16,6 +16,7 @@ axis (the slice number 3D Slicer shows), whatever the array's axis order or dire
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -136,7 +137,9 @@ def suggest_slices(segmenter: Segmenter, array: np.ndarray, ijk_to_ras: np.ndarr
     orientation = CanonicalOrientation.from_matrix(ijk_to_ras)
     shape = np.shape(array)
     canonical = orientation.to_canonical(array)
-    view = segmenter.field_of_view(canonical, ijk_to_ras, orientation)
+    view, notes = segmenter.field_of_view(canonical, ijk_to_ras, orientation)
+    for note in notes:
+        warnings.warn(note, stacklevel=2)
     probability = tta_probability(segmenter, canonical, progress=progress, cancel=cancel, view=view)
     canonical_scores = slice_scores(probability)
     scores = np.array([canonical_scores[canonical_index(orientation, shape, k)]

@@ -281,7 +281,8 @@ def run_refine(worker: Worker, job: Job, progress: Callable) -> tuple[dict, dict
 
 def _mask_output(job: Job, out: Any, matrix: Any) -> tuple[dict, dict]:
     outputs = write_masks(job, {"mask": out.mask, "coarse": out.coarse}, matrix)
-    return outputs, {"warnings": out.warnings, "disagreements": out.disagreements, "axis": out.axis}
+    return outputs, {"warnings": out.warnings, "disagreements": out.disagreements, "axis": out.axis,
+                     "liver": getattr(out, "liver", None)}
 
 
 def run_propagate(worker: Worker, job: Job, progress: Callable) -> tuple[dict, dict]:

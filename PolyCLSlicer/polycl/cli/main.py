@@ -69,6 +69,11 @@ def command_segment(args: argparse.Namespace) -> int:
     finally:
         close()
     clock.lap("segment")
+    engine_notes = [note for note in result.warnings if note not in notes]  # field of view, liver check
+    notes = notes + engine_notes
+    if not args.json:
+        for note in engine_notes:
+            print(f"polycl: warning: {note}", file=sys.stderr)
     refined = None if refiner is None else run_refinement(args, volume, result.mask, refiner)
     mask = result.mask if refined is None else refined.mask
     clock.lap("refine")
@@ -88,9 +93,14 @@ def command_segment(args: argparse.Namespace) -> int:
             "checkpoint": str(args.checkpoint or "bundled starter model"), "shape": list(volume.array.shape),
             "spacing_mm": list(volume.spacing), "liver_voxels": int(mask.sum()), "liver_ml": liver_ml,
             "metrics": metrics, "review": None if refined is None else review_json(refined),
-            "dicom_seg": args.dicom_seg, "overlay": args.overlay, "warnings": notes, "seconds": clock.laps}))
+            "dicom_seg": args.dicom_seg, "overlay": args.overlay, "warnings": notes, "seconds": clock.laps,
+            "liver_found": result.liver is None or result.liver.found,
+            "liver": None if result.liver is None else result.liver.as_dict()}))
         return 0
-    print(f"wrote {', '.join(written)} ({int(mask.sum())} liver voxels, {liver_ml:.1f} mL)")
+    if result.liver is not None and not result.liver.found:
+        print(f"wrote {', '.join(written)} (empty mask: {result.liver.message})")
+    else:
+        print(f"wrote {', '.join(written)} ({int(mask.sum())} liver voxels, {liver_ml:.1f} mL)")
     if metrics is not None:
         _print_metrics(metrics)
     return 0

@@ -1,0 +1,114 @@
+"""Is there a liver in view?  The model's largest component judged by what the model and anatomy say.
+
+A segmentation network always labels *something* most like liver, also on a CT that holds none (pelvis,
+neck, a left-side crop): a small blob in a muscle or the spleen.  ``assess_liver`` decides from
+
+* the model's confidence: the mean probability inside the component;
+* anatomy: the liver is a right-sided organ (the component's centre lies on the patient's right of the body's
+  midline, not at the body's lateral edge) and a liver in view is never a few millilitres;
+* extent: when the component ends inside the scan at both ends (the whole craniocaudal extent in view),
+  its volume must be that of a whole liver;
+
+and returns ``none`` (the mask is emptied: *no liver found*), ``implausible`` (kept, flagged) or ``found``,
+with one sentence saying why.  The thresholds are measured in ``bench/liver_presence.py``
+(docs/liver_presence.md).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .geometry import CanonicalOrientation, voxel_spacing
+
+FOUND, NONE, IMPLAUSIBLE = "found", "none", "implausible"
+MIN_LIVER_ML = 10.0  # a liver in view covers more: one 5 mm slice of its thinnest tip is ~10 mL
+SMALL_ML = 150.0  # below this a component must also be confident and placed like a liver
+MIN_CONFIDENCE = 0.9  # mean probability inside a small component
+MAX_LATERAL = 0.75  # centre of a small component: at most this share of the body's half-width right of midline
+WHOLE_LIVER_ML = (500.0, 4000.0)  # adult livers, with margin; checked when both ends of the mask are in view
+MAX_LIVER_ML = 4000.0
+BODY_HU = -300.0
+
+
+@dataclass
+class LiverCheck:
+    """What the mask says about the liver: ``status`` found / none / implausible, the reason, and its figures."""
+
+    status: str
+    reason: str
+    volume_ml: float = 0.0
+    confidence: float = 0.0
+    lateral: float = 0.0  # component centre right of the body's midline, in body half-widths (<0: left)
+    whole_extent: bool = False  # neither the first nor the last axial slice holds mask
+
+    @property
+    def found(self) -> bool:
+        return self.status != NONE
+
+    @property
+    def message(self) -> str:
+        """The line users see (empty when the liver looks as expected)."""
+        if self.status == NONE:
+            return f"no liver found: {self.reason}"
+        if self.status == IMPLAUSIBLE:
+            return f"implausible liver: {self.reason}; check the mask"
+        return ""
+
+    def as_dict(self) -> dict:
+        return {"status": self.status, "reason": self.reason, "volume_ml": round(self.volume_ml, 1),
+                "confidence": round(self.confidence, 3), "lateral": round(self.lateral, 2),
+                "whole_extent": self.whole_extent}
+
+
+def lateral_position(mask: np.ndarray, ct: np.ndarray, ijk_to_ras: np.ndarray) -> float:
+    """Centre of ``mask`` to the patient's right of the body's midline on the mask's axial slices, in body
+    half-widths (negative: on the left).  RAS x grows towards the patient's right."""
+    axis = CanonicalOrientation.from_matrix(ijk_to_ras).slice_axis
+    rows = np.flatnonzero(np.any(mask, axis=tuple(a for a in range(3) if a != axis)))
+    pick = [slice(None)] * 3
+    pick[axis] = slice(int(rows[0]), int(rows[-1]) + 1)
+    body = np.asarray(ct[tuple(pick)]) > BODY_HU
+    if not body.any():
+        return 0.0
+    x_of_index = np.asarray(ijk_to_ras, float)[0, :3]  # RAS x = x_of_index @ ijk + origin: differences only
+    body_x = np.argwhere(body)[::7] @ x_of_index
+    mask_x = float((np.argwhere(np.asarray(mask)[tuple(pick)]) @ x_of_index).mean())
+    left, right = np.percentile(body_x, [1, 99])
+    return float((mask_x - (left + right) / 2) / max((right - left) / 2, 1.0))
+
+
+def assess_liver(mask: np.ndarray, confidence: float, ct: np.ndarray, ijk_to_ras: np.ndarray) -> LiverCheck:
+    """Judge the (largest-component) liver ``mask`` of ``ct`` ([i, j, k] arrays, IJK->RAS); ``confidence`` is
+    the model's mean probability inside the mask."""
+    mask = np.asarray(mask) != 0
+    volume = float(mask.sum() * np.prod(voxel_spacing(ijk_to_ras)) / 1000.0)
+    if volume == 0:
+        return LiverCheck(NONE, "the model labelled no voxel as liver")
+    axis = CanonicalOrientation.from_matrix(ijk_to_ras).slice_axis
+    rows = np.flatnonzero(np.any(mask, axis=tuple(a for a in range(3) if a != axis)))
+    whole = bool(rows[0] > 0 and rows[-1] < mask.shape[axis] - 1)
+    lateral = lateral_position(mask, ct, ijk_to_ras)
+    check = LiverCheck(FOUND, "", volume, float(confidence), lateral, whole)
+    if volume < MIN_LIVER_ML:
+        return _judged(check, NONE, f"only {volume:.1f} mL were labelled, less than any liver in view")
+    if lateral < 0:
+        return _judged(check, NONE, f"the {volume:.0f} mL labelled lie on the patient's left, where the liver is not")
+    if volume < SMALL_ML and confidence < MIN_CONFIDENCE:
+        return _judged(check, NONE, f"a small region ({volume:.0f} mL) labelled with low confidence "
+                                    f"({confidence:.2f})")
+    if volume < SMALL_ML and lateral > MAX_LATERAL:
+        return _judged(check, NONE, f"a small region ({volume:.0f} mL) at the body's right edge, not where the "
+                                    "liver lies")
+    if volume > MAX_LIVER_ML:
+        return _judged(check, IMPLAUSIBLE, f"{volume / 1000:.2f} L is more than any liver")
+    if whole and not WHOLE_LIVER_ML[0] <= volume <= WHOLE_LIVER_ML[1]:
+        return _judged(check, IMPLAUSIBLE, f"the mask ends inside the scan at both ends but holds only "
+                                           f"{volume:.0f} mL, less than a whole liver")
+    return check
+
+
+def _judged(check: LiverCheck, status: str, reason: str) -> LiverCheck:
+    check.status, check.reason = status, reason
+    return check
