@@ -158,6 +158,7 @@ class TaskRunner:
                 inputs[name] = paths if isinstance(value, list) else paths[0]
             outputs = {name: path or str(self.folder / f"{name}.nrrd") for name, path in job.outputs.items()}
             self.submitted = self.client.submit(job.task, inputs, outputs, job.options)
+            self.submitted.on_end.append(self._clean)  # a job stopped with the worker leaves no folder behind
         except BaseException:
             self._clean()
             raise

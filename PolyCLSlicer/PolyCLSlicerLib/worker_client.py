@@ -7,8 +7,14 @@ and its scene untouched.  A reader thread only does blocking ``readline`` on the
 puts parsed events on a queue; the owner drains it (the Widget from a QTimer on the main thread).
 
 Cancel sends ``{"cancel": id}``; when the worker has not answered within ``cancel_timeout`` seconds it
-is terminated and the next job starts a fresh one.  The worker's stderr goes to a log file whose tail
-is the error detail when the process dies.
+is terminated and the next job starts a fresh one.  ``PythonSlicer`` is a CTK app launcher: it starts
+``python-real`` as its child and forwards no signal, so terminating the launcher alone would leave the
+worker running.  The worker therefore starts in its own session (its own process group) on Linux and
+macOS and the whole group is signalled; on Windows the tree is killed with ``taskkill /T /F`` (the
+launcher and the worker pid it reported).  The worker is started through ``worker_main.py``, which puts
+the bundled ``polycl`` first on ``sys.path`` (the launcher prepends Slicer's own paths, site-packages
+included).  Each worker's stderr goes to its own log file, whose tail (read as UTF-8) is the error
+detail when the process dies.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import json
 import os
 import queue
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -29,7 +36,10 @@ from pathlib import Path
 from typing import Any
 
 MODULE_DIR = Path(__file__).resolve().parents[1]  # holds the polycl package
+WORKER_MAIN = Path(__file__).resolve().with_name("worker_main.py")  # bundled polycl first on sys.path
 EXITED = "__exited__"
+WINDOWS = os.name == "nt"
+LOG_TAIL_BYTES = 64 * 1024
 
 
 class WorkerError(RuntimeError):
@@ -65,20 +75,23 @@ class WorkerEvent:
 
 
 class _Process:
-    """One running worker process, its event queue and its stdout reader thread."""
+    """One running worker process tree (launcher + python-real), its event queue and its stdout reader thread."""
 
     def __init__(self, command: list[str], env: dict[str, str], log_path: Path) -> None:
         self.log_path = log_path
         self.events: queue.Queue[tuple[Any, dict]] = queue.Queue()
         self.facts: dict = {}  # from the worker's ready event: pid, torch version, cuda
-        startupinfo = None
-        if os.name == "nt":  # no console window (as slicer.util.launchConsoleProcess)
+        options: dict[str, Any] = {}
+        if WINDOWS:  # no console window (as slicer.util.launchConsoleProcess)
             startupinfo = subprocess.STARTUPINFO()
             startupinfo.dwFlags, startupinfo.wShowWindow = 1, 0
+            options["startupinfo"] = startupinfo
+        else:  # own session = own process group: launcher and python-real are signalled together
+            options["start_new_session"] = True
         with open(log_path, "ab") as log:
             self.popen = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log,
-                                          env=env, text=True, encoding="utf-8", bufsize=1,
-                                          startupinfo=startupinfo)
+                                          env=env, text=True, encoding="utf-8", bufsize=1, **options)
+        self.group = None if WINDOWS else self.popen.pid  # a session leader's pid is its group id
         self.started = time.monotonic()
         threading.Thread(target=self._read, name="polycl-worker-stdout", daemon=True).start()
 
@@ -109,17 +122,18 @@ class _Process:
         self.popen.stdin.write(json.dumps(message) + "\n")
         self.popen.stdin.flush()
 
-    def stop(self, grace: float = 1.0) -> None:
-        """Close stdin (the worker exits 0), then terminate, then kill."""
-        if not self.alive():
-            return
-        for step in (self._close_stdin, self.popen.terminate, self.popen.kill):
+    def stop(self, grace: float = 0.5) -> None:
+        """Close stdin (the worker exits 0), then terminate the tree, then kill it, ``grace`` seconds apart.
+
+        The tree is signalled even when the launcher has already gone: python-real may outlive it."""
+        for step in (self._close_stdin, self._terminate_tree, self._kill_tree):
             step()
             try:
                 self.popen.wait(timeout=grace)
-                return
+                break
             except subprocess.TimeoutExpired:
                 continue
+        self._kill_tree()  # whatever the launcher left behind (its child, the worker's own children)
 
     def _close_stdin(self) -> None:
         try:
@@ -127,11 +141,54 @@ class _Process:
         except OSError:
             pass
 
-    def log_tail(self, lines: int = 30) -> str:
+    def _terminate_tree(self) -> None:
+        if WINDOWS:
+            self._taskkill()  # Windows has no polite signal for a console-less process
+        else:
+            self._signal_group(signal.SIGTERM)
+
+    def _kill_tree(self) -> None:
+        if WINDOWS:
+            self._taskkill()
+            if self.alive():
+                self.popen.kill()
+        else:
+            self._signal_group(signal.SIGKILL)
+
+    def _signal_group(self, signum: int) -> None:
         try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+            os.killpg(self.group, signum)
+        except (ProcessLookupError, PermissionError):
+            pass  # the group is empty: the whole tree has ended
+
+    def taskkill_command(self) -> list[str]:
+        """Windows: end the launcher with its descendants, and the worker pid it reported (an orphan once
+        the launcher has gone, which /T no longer reaches)."""
+        pids = [self.popen.pid] + ([int(self.facts["pid"])] if self.facts.get("pid") else [])
+        return ["taskkill", "/T", "/F", *(arg for pid in pids for arg in ("/PID", str(pid)))]
+
+    def _taskkill(self) -> None:
+        try:
+            subprocess.run(self.taskkill_command(), capture_output=True, timeout=10,
+                           creationflags=getattr(subprocess, "CREATE_NO_WINDOW", 0))
+        except (OSError, subprocess.TimeoutExpired):
+            pass
+
+    def log_tail(self, lines: int = 30) -> str:
+        """The last lines of this worker's log (UTF-8, undecodable bytes replaced)."""
+        try:
+            with open(self.log_path, "rb") as log:
+                log.seek(max(0, log.seek(0, os.SEEK_END) - LOG_TAIL_BYTES))
+                text = log.read().decode("utf-8", errors="replace")
         except OSError:
             return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    def remove_log(self) -> None:
+        try:
+            self.log_path.unlink()
+        except OSError:
+            pass
 
 
 class WorkerClient:
@@ -160,15 +217,19 @@ class WorkerClient:
 
     def ensure_started(self) -> _Process:
         if self._process is None or not self._process.alive():
-            command = [self.python or python_executable(), "-m", "polycl.worker"]
+            if self._process is not None:  # the launcher ended: end what it may have left running
+                self._process.stop(grace=0.2)
+            command = [self.python or python_executable(), str(WORKER_MAIN)]
             if self.threads:
                 command += ["--threads", str(self.threads)]
             env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONIOENCODING": "utf-8",
                    "PYTHONPATH": os.pathsep.join(p for p in (str(MODULE_DIR), os.environ.get("PYTHONPATH")) if p)}
             self.temp_root.mkdir(parents=True, exist_ok=True)
-            log_path = self.temp_root / f"polycl-worker-{os.getpid()}.log"
+            handle, log_name = tempfile.mkstemp(prefix=f"polycl-worker-{os.getpid()}-", suffix=".log",
+                                                dir=self.temp_root)  # one log per worker, never shared
+            os.close(handle)
             try:
-                self._process = _Process(command, env, log_path)
+                self._process = _Process(command, env, Path(log_name))
             except OSError as error:
                 raise WorkerError(f"cannot start the PolyCL worker ({command[0]}): {error}") from None
         return self._process
@@ -197,16 +258,19 @@ class WorkerClient:
         except (BrokenPipeError, OSError, ValueError):
             pass  # already gone: the reader reports the exit
 
-    def stop(self, grace: float = 1.0) -> None:
-        """Stop the worker (it restarts on the next job); a running job ends as cancelled.
+    def stop(self, grace: float = 0.5) -> None:
+        """Stop the worker's whole process tree (it restarts on the next job); a running job ends as
+        cancelled and its job folder is removed.
 
         Asks it to exit (end of stdin), then terminates, then kills, ``grace`` seconds apart.
         """
+        process, self._process = self._process, None
+        if process is not None:
+            process.stop(grace)
+            if process.popen.returncode == 0:  # a clean exit: nothing in its log is needed any more
+                process.remove_log()
         if self.current is not None and not self.current.ended:
             self.current.abandon("cancelled", "stopped")
-        if self._process is not None:
-            self._process.stop(grace)
-            self._process = None
 
 
 class JobRun:
@@ -218,6 +282,7 @@ class JobRun:
         self.cancel_deadline: float | None = None
         self.ended = False
         self._pending: list[WorkerEvent] = []
+        self.on_end: list = []  # called once when the job is abandoned (e.g. its hand-over folder's removal)
 
     def request_cancel(self) -> None:
         if self.ended or self.cancel_deadline is not None:
@@ -229,6 +294,9 @@ class JobRun:
         """End the job without an answer from the worker (it was stopped, or it died)."""
         self.ended = True
         self._pending.append(WorkerEvent(kind, message=message, details=details))
+        callbacks, self.on_end = self.on_end, []
+        for callback in callbacks:
+            callback()
 
     def poll(self, timeout: float = 0.0) -> list[WorkerEvent]:
         """Events since the last call; waits up to ``timeout`` seconds for the first one."""

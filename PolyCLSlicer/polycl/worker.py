@@ -99,7 +99,8 @@ class Worker:
         self.models = ModelCache()
         self.jobs: queue.Queue[Job | None] = queue.Queue()
         self.current: Job | None = None
-        self.cancelled_early: set = set()
+        self.queued: set = set()  # ids of jobs accepted and not started yet
+        self.cancelled_early: set = set()  # always a subset of ``queued``: it cannot grow without bound
         self._lock = threading.Lock()
 
     # ----------------------------------------------------------------------- stdin reader thread
@@ -124,16 +125,21 @@ class Worker:
             if "cancel" in message:
                 self.cancel(message["cancel"])
             else:
-                self.jobs.put(parse_job(message))
+                job = parse_job(message)
+                with self._lock:
+                    self.queued.add(job.id)
+                self.jobs.put(job)
         except JobError as error:
             job_id = message.get("id") if isinstance(message, dict) else None
             self.events.send(id=job_id, error=f"invalid job: {one_line(error)}", type="ValueError")
 
     def cancel(self, job_id: Any) -> None:
+        """Cancel the running job, or a queued one before it starts; a finished or unknown id is ignored
+        (a cancel often crosses the job's last event)."""
         with self._lock:
             if self.current is not None and self.current.id == job_id:
                 self.current.cancel.set()
-            else:
+            elif job_id in self.queued:
                 self.cancelled_early.add(job_id)
 
     # ------------------------------------------------------------------------------- main thread
@@ -142,6 +148,7 @@ class Worker:
         self.events.send(ready=True, pid=os.getpid(), **warm_up())
         while (job := self.jobs.get()) is not None:
             with self._lock:
+                self.queued.discard(job.id)
                 if job.id in self.cancelled_early:
                     self.cancelled_early.discard(job.id)
                     job.cancel.set()
