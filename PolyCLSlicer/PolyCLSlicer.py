@@ -2,8 +2,9 @@
 
 Four classes as in Slicer's scripted-module template: Module (metadata), Widget (gathers options,
 shows results), Logic (all computation, headless) and Test.  The app-only parts (qt, ctk,
-ScriptedLoadableModule, parameterNodeWrapper) are imported in a guarded block so that the Logic
-imports and runs under ``slicer-core`` (real MRML, no application) for batch use and CI.
+ScriptedLoadableModule, parameterNodeWrapper) are imported only inside the application (``slicer.app``
+exists; there a failing import raises); under ``slicer-core`` (real MRML, no application) headless
+stand-ins take their place, so that the Logic imports and runs for batch use and CI.
 The classes stay thin: the Logic's task builders, the Widget's job control and the self-test steps are
 mixins from PolyCLSlicerLib (``segmentation_tasks``, ``loop_tasks``, ``scene_helpers``, ``panel_jobs``,
 ``selftest``).
@@ -51,7 +52,8 @@ from PolyCLSlicerLib.scene_helpers import SceneHelpers  # noqa: E402
 from PolyCLSlicerLib.segmentation_tasks import SegmentationTasks  # noqa: E402
 from PolyCLSlicerLib.worker_client import shared_client  # noqa: E402
 
-try:  # only inside the Slicer application
+HAS_APP = hasattr(slicer, "app")  # the Slicer application, not slicer-core or PythonSlicer
+if HAS_APP:  # a failing import here is an error, never a silent switch to the headless stand-ins
     import ctk  # noqa: F401
     import qt
     from PolyCLSlicerLib import gui_connectors  # noqa: F401  (registers str <-> ctkPathLineEdit)
@@ -63,9 +65,7 @@ try:  # only inside the Slicer application
         ScriptedLoadableModuleWidget,
     )
     from slicer.util import VTKObservationMixin
-
-    HAS_APP = hasattr(slicer, "app")
-except ImportError:  # slicer-core: plain stand-ins, the Logic stays fully usable
+else:  # slicer-core: plain stand-ins, the Logic stays fully usable
     from PolyCLSlicerLib.headless import (  # type: ignore[assignment]
         ScriptedLoadableModule,
         ScriptedLoadableModuleLogic,
@@ -77,7 +77,6 @@ except ImportError:  # slicer-core: plain stand-ins, the Logic stays fully usabl
     )
 
     qt = None
-    HAS_APP = False
 
 #
 # Module
@@ -353,6 +352,8 @@ class PolyCLSlicerWidget(PanelJobs, ScriptedLoadableModuleWidget, VTKObservation
                            lambda report: setattr(self.ui.statusLabel, "text", report.summary()))
 
     def onFinetuneButton(self) -> None:
+        """Start (or stop) finetuning; in Automatic mode the model's liver extent of each volume is found
+        first, as background jobs of their own (progress, Stop), never here on the main thread."""
         if self._cancelRunningJob():
             return
         p = self._parameterNode
@@ -364,21 +365,39 @@ class PolyCLSlicerWidget(PanelJobs, ScriptedLoadableModuleWidget, VTKObservation
             if not pairs:
                 raise ValueError("No volume with a non-empty liver segment was found in the scene.")
             volumes, segmentations, segmentIds = ([pair[n] for pair in pairs] for n in range(3))
-            choice = self.logic.finetuneSliceChoice(volumes, segmentations, segmentIds, p.finetuneSlices.value,
-                                                    self._checkpoint(), p.device.value)
-            self.ui.finetuneSliceChoiceLabel.text = choice.summary()
-            task = self.logic.finetuneTask(
-                volumes,
-                segmentations,
-                segmentIds=segmentIds,
-                init=self._checkpoint(),
-                epochs=p.epochs,
-                learningRate=p.learningRate,
-                device=p.device.value,
-                slices=choice.mode,
-            )
-            self._startJob(task, self.ui.finetuneButton, self.ui.finetuneProgressBar, self.ui.finetuneStatusLabel,
-                           self._onFinetuned)
+            options = dict(mode=p.finetuneSlices.value, checkpoint=self._checkpoint(), device=p.device.value)
+            steps = list(self.logic.finetuneExtentTasks(volumes, segmentations, segmentIds, **options).items())
+            extents: dict = {}
+
+            def startFinetuning() -> None:
+                choice = self.logic.finetuneSliceChoice(volumes, segmentations, segmentIds, extents=extents,
+                                                        **options)
+                self.ui.finetuneSliceChoiceLabel.text = choice.summary()
+                task = self.logic.finetuneTask(
+                    volumes,
+                    segmentations,
+                    segmentIds=segmentIds,
+                    init=options["checkpoint"],
+                    epochs=p.epochs,
+                    learningRate=p.learningRate,
+                    device=options["device"],
+                    slices=choice.mode,
+                )
+                self._startJob(task, self.ui.finetuneButton, self.ui.finetuneProgressBar,
+                               self.ui.finetuneStatusLabel, self._onFinetuned)
+
+            def nextStep(name: str | None = None, extent: Any = None) -> None:
+                if name is not None:
+                    extents[name] = extent
+                with slicer.util.tryWithErrorDisplay("Cannot start finetuning.", waitCursor=True):
+                    if len(extents) < len(steps):
+                        stepName, task = steps[len(extents)]
+                        self._startJob(task, self.ui.finetuneButton, self.ui.finetuneProgressBar,
+                                       self.ui.finetuneStatusLabel, lambda extent: nextStep(stepName, extent))
+                    else:
+                        startFinetuning()
+
+            nextStep()
 
     def onSuggestSliceButton(self) -> None:
         if self._cancelRunningJob():

@@ -327,11 +327,119 @@ def test_cleanup_stops_the_timer_and_the_worker_and_unhooks_the_gui(app, widget)
     w.onApplyButton()
     assert w._timer.active and w.logic.worker.running
     process = w.logic.worker._process.popen
+    folder = w._job.runner.folder
+    assert folder.is_dir()
     tag = w._parameterNodeGuiTag
     w.cleanup()
     assert not w._timer.active and w._job is None
+    assert not folder.exists()  # the hand-over files of the dropped job are gone (issue 21 row 6)
     assert process.poll() is not None and not w.logic.worker.running  # the worker process has ended
     assert w._parameterNode is None and p.disconnected == [tag]
     assert w.Observations == []  # scene and parameter-node observers are gone
     time.sleep(0.5)
     assert node_ids(app.scene) == before  # the dropped job never applied anything
+
+
+def test_inside_the_app_a_failing_app_import_raises_instead_of_switching_to_stand_ins(app, monkeypatch):
+    """Issue 21 row 3: a renamed or missing app module is an error in the app, not a silent headless mode."""
+    monkeypatch.setitem(sys.modules, "slicer.parameterNodeWrapper", None)  # 'import' of it raises ImportError
+    spec = importlib.util.spec_from_file_location("PolyCLSlicerBroken", MODULE_DIR / "PolyCLSlicer.py")
+    with pytest.raises(ImportError, match="parameterNodeWrapper"):
+        spec.loader.exec_module(importlib.util.module_from_spec(spec))
+
+
+class BlockingWorkerCall(BaseException):
+    """Raised by a worker call that waits for the worker (not an Exception: no error display swallows it)."""
+
+
+@contextlib.contextmanager
+def no_blocking_worker_calls(monkeypatch):
+    """Fail on any call that waits for the worker: Task.compute / Task.run, TaskRunner.wait, a waiting poll."""
+    from PolyCLSlicerLib import tasks, worker_client
+
+    calls = []
+
+    def refuse(name):
+        def call(*args, **kwargs):
+            calls.append(name)
+            raise BlockingWorkerCall(name)
+        return call
+
+    poll = worker_client.JobRun.poll
+
+    def non_blocking_poll(self, timeout=0.0):
+        if timeout:
+            refuse(f"JobRun.poll(timeout={timeout})")()
+        return poll(self, timeout)
+
+    with monkeypatch.context() as patch:
+        for owner, name in ((tasks.Task, "compute"), (tasks.Task, "run"), (tasks.TaskRunner, "wait")):
+            patch.setattr(owner, name, refuse(f"{owner.__name__}.{name}"))
+        patch.setattr(worker_client.JobRun, "poll", non_blocking_poll)
+        yield calls
+
+
+def test_no_widget_slot_waits_for_the_worker(app, widget, monkeypatch):
+    """Issue 21 row 2: every connected slot (and the timer's) returns at once; long work runs as a panel job
+    with progress and Cancel.  Automatic finetuning on a contiguously painted liver needs the model's liver
+    extent first: that runs as a job too, then finetuning starts from the timer."""
+    w, ui, p, mrml = widget.widget, widget.widget.ui, widget.p, app.module.mrml
+    segmentation = mrml.new_segmentation_node(widget.volume)
+    segment_id = segmentation.GetSegmentation().AddEmptySegment("", "Liver")
+    mrml.write_segment_mask(segmentation, segment_id, widget.liver, widget.matrix)  # every slice: contiguous
+    p.outputSegmentation = segmentation
+    p.finetuneSlices, p.epochs = app.module.FinetuneSlices.AUTO, 1
+    annotation = np.zeros_like(widget.liver)
+    annotation[:, :, 4] = widget.liver[:, :, 4]
+    annotation_id = segmentation.GetSegmentation().AddEmptySegment("", "Liver annotation")
+    mrml.write_segment_mask(segmentation, annotation_id, annotation, widget.matrix)
+    ui.annotationSegmentSelector.setCurrentNode(segmentation)
+    ui.annotationSegmentSelector.setCurrentSegmentID(annotation_id)
+    editor = types.SimpleNamespace(**{name: (lambda *a: None) for name in (
+        "setSegmentationNode", "setSourceVolumeNode", "setCurrentSegmentID", "setActiveEffectByName")})
+    representation = types.SimpleNamespace(self=lambda: types.SimpleNamespace(editor=editor))
+    monkeypatch.setattr(slicer.modules, "segmenteditor",
+                        types.SimpleNamespace(widgetRepresentation=lambda: representation), raising=False)
+    monkeypatch.setattr(slicer.util, "selectModule", lambda name: None, raising=False)
+    slots = {(name, signal): slot for name in vars(ui) for signal, slot in getattr(ui, name).slots.items()}
+    assert ("finetuneButton", "clicked(bool)") in slots and ("applyButton", "clicked(bool)") in slots
+    started = []
+    start_job = w._startJob
+    monkeypatch.setattr(w, "_startJob", lambda task, *a: (started.append(task.name), start_job(task, *a)))
+    with no_blocking_worker_calls(monkeypatch) as calls:
+        for (name, signal), slot in sorted(slots.items(), key=lambda item: item[0][0] == "openSegmentEditorButton"):
+            if name == "finetuneButton":
+                continue
+            slot(*([1, 0] if signal == "cellClicked(int,int)" else []))  # PythonQt drops unused arguments
+            if w._job is not None:  # stop what it started: only the slot's own duration matters here
+                slots[(w._job.button.name, "clicked(bool)")]()
+                run_job(w)
+        w.onSceneStartClose(None, None)
+        w.onSceneEndClose(None, None)
+        p = w._parameterNode
+        p.finetuneSlices, p.epochs = app.module.FinetuneSlices.AUTO, 1
+        p.useStarterModel, p.checkpointPath = widget.p.useStarterModel, widget.p.checkpointPath
+        p.device, p.outputSegmentation = app.module.Device.CPU, segmentation
+        errors = len(app.dialogs.errors)
+        slots[("finetuneButton", "clicked(bool)")]()
+        assert w._job is not None and ui.finetuneButton.text == "Stop" and started[-1] == "liver extent of ct"
+        run_job(w, timeout=300)  # the timer's slot: extent done -> finetuning starts -> done
+    assert calls == [] and app.dialogs.errors[errors:] == [], (calls, app.dialogs.errors)
+    assert {"segmentation", "propagation", "slice suggestion"} <= set(started), (started, app.dialogs.errors)
+    assert started[-2:] == ["liver extent of ct", "finetuning"]
+    assert "Whole volume" in ui.finetuneSliceChoiceLabel.text and "Saved and selected" in ui.finetuneStatusLabel.text
+
+
+def test_stop_during_the_liver_extent_step_cancels_finetuning(app, widget):
+    w, ui, p, mrml = widget.widget, widget.widget.ui, widget.p, app.module.mrml
+    segmentation = mrml.new_segmentation_node(widget.volume)
+    segment_id = segmentation.GetSegmentation().AddEmptySegment("", "Liver")
+    mrml.write_segment_mask(segmentation, segment_id, widget.liver, widget.matrix)
+    p.finetuneSlices, p.epochs = app.module.FinetuneSlices.AUTO, 1
+    checkpoint = p.checkpointPath
+    w.onFinetuneButton()
+    assert w._job.runner.task.name == "liver extent of ct"
+    w.onFinetuneButton()  # Stop
+    run_job(w)
+    assert w._job is None and ui.finetuneButton.text == "Start" and p.checkpointPath == checkpoint
+    assert not app.dialogs.errors, app.dialogs.errors

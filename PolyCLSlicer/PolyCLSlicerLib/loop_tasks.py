@@ -83,20 +83,55 @@ class LoopTasks:
         mode: str = "auto",
         checkpoint: str | None = None,
         device: str = "auto",
+        extents: dict[str, list[int] | None] | None = None,
     ) -> loop.SliceChoice:
         """Annotated slices or whole volume: ``auto`` picks annotated slices when a liver segment's slices are
-        not contiguous or cover less than half of the model's liver extent (the model runs only then)."""
+        not contiguous or cover less than half of the model's liver extent.
+
+        ``extents``: the results of :meth:`finetuneExtentTasks` (volume name -> liver extent), which the
+        panel runs as background jobs first; without them the model runs here, synchronously (headless).
+        """
+        painted, counts, _ = self._paintedSlices(volumeNodes, segmentationNodes, segmentIds)
+        if extents is None:
+            tasks = self.finetuneExtentTasks(volumeNodes, segmentationNodes, segmentIds, mode, checkpoint, device)
+            extents = {name: task.run() for name, task in tasks.items()}
+        return loop.choose_slice_mode(painted, extents, counts, mode)
+
+    def finetuneExtentTasks(
+        self,
+        volumeNodes: list,
+        segmentationNodes: list,
+        segmentIds: list[str | None] | None = None,
+        mode: str = "auto",
+        checkpoint: str | None = None,
+        device: str = "auto",
+    ) -> dict[str, Task]:
+        """The worker jobs :meth:`finetuneSliceChoice` needs first (``auto`` mode, a liver segment painted on
+        contiguous slices): volume name -> a task whose ``apply`` returns the model's liver extent."""
+        if mode != "auto":
+            return {}
+        painted, _, volumes = self._paintedSlices(volumeNodes, segmentationNodes, segmentIds)
+        tasks = {}
+        for name, slices in painted.items():
+            if slices and slices[-1] - slices[0] + 1 == len(slices):
+                task = self.suggestSliceTask(volumes[name], None, checkpoint, 1, device)
+                task.name, task.apply = f"liver extent of {name}", lambda result: result["liver_extent"]
+                tasks[name] = task
+        return tasks
+
+    def _paintedSlices(
+        self, volumeNodes: list, segmentationNodes: list, segmentIds: list[str | None] | None
+    ) -> tuple[dict[str, list[int]], dict[str, int], dict[str, vtkMRMLScalarVolumeNode]]:
+        """Per volume name: the liver segment's painted axial slices, the axial slice count, the volume node."""
         from polycl.training.sparse import annotated_slices
 
-        painted, extents, counts = {}, {}, {}
+        painted, counts, volumes = {}, {}, {}
         for volume, segmentation, segmentId in self._liverSegments(volumeNodes, segmentationNodes, segmentIds):
             matrix, name = mrml.ijk_to_ras(volume), volume.GetName()
             painted[name] = annotated_slices(mrml.segment_mask(segmentation, segmentId, volume), matrix)
             counts[name] = volume.GetImageData().GetDimensions()[mrml.axial_axis(matrix)]
-            slices = painted[name]
-            if mode == "auto" and slices and slices[-1] - slices[0] + 1 == len(slices):
-                extents[name] = self.suggestSliceTask(volume, None, checkpoint, 1, device).compute()["liver_extent"]
-        return loop.choose_slice_mode(painted, extents, counts, mode)
+            volumes[name] = volume
+        return painted, counts, volumes
 
     def _liverSegments(
         self, volumeNodes: list, segmentationNodes: list, segmentIds: list[str | None] | None
