@@ -211,7 +211,7 @@ def test_finetune_init_starter_is_the_bundled_model_and_keeps_its_size(tmp_path,
 
 def test_finetune_at_the_smallest_allowed_size_works(tmp_path, capsys, single_torch_thread):
     write_case(tmp_path, "a")
-    assert main(["finetune", "--images", str(tmp_path), "--labels", str(tmp_path), "--size", "32",
+    assert main(["finetune", "--images", str(tmp_path), "--labels", str(tmp_path), "--size", "32", "--init", "none",
                  "--architecture", "polycl_unet", "-o", str(tmp_path / "out.safetensors"), "--epochs", "1",
                  "--device", "cpu"]) == 0
 
@@ -221,6 +221,11 @@ def test_finetune_refuses_non_ct_images_unless_allowed(tmp_path, capsys):
     mask[4:12, 4:12] = 1
     write_volume(tmp_path / "a_image.nii.gz", mask, np.eye(4))  # a mask passed off as the image
     write_volume(tmp_path / "a_liver.nii.gz", mask, np.eye(4))
+    err = run_error(capsys, ["finetune", "--images", str(tmp_path / "a_image.nii.gz"), "--labels",
+                             str(tmp_path / "a_liver.nii.gz"), "-o", str(tmp_path / "o.safetensors"), "--size", "32"])
+    assert "looks like a label mask" in err and "--allow-non-ct" not in err  # no flag makes a mask a CT
+    image = np.random.default_rng(0).uniform(0, 500, mask.shape).astype(np.float32)  # an MR-like image
+    write_volume(tmp_path / "a_image.nii.gz", image, np.eye(4))
     err = run_error(capsys, ["finetune", "--images", str(tmp_path / "a_image.nii.gz"), "--labels",
                              str(tmp_path / "a_liver.nii.gz"), "-o", str(tmp_path / "o.safetensors"), "--size", "32"])
     assert "Hounsfield" in err and "--allow-non-ct" in err

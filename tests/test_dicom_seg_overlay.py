@@ -58,7 +58,10 @@ def test_dicom_seg_frames_match_the_source_slices_and_read_back_equal(series, tm
     sources = {str(d.get("SOPInstanceUID") or d.file_meta.MediaStorageSOPInstanceUID): d
                for d in (pydicom.dcmread(f) for f in files)}
     assert seg.Modality == "SEG" and seg.SegmentationType == "BINARY" and int(seg.NumberOfFrames) == len(files)
-    assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == next(iter(sources.values())).SeriesInstanceUID
+    source_series = str(next(iter(sources.values())).SeriesInstanceUID)
+    referenced = str(seg.ReferencedSeriesSequence[0].SeriesInstanceUID)
+    # the source's own UID; this anonymised series has none, so a new valid one (issue 22)
+    assert referenced == source_series if source_series else pydicom.uid.UID(referenced).is_valid
     shared = seg.SharedFunctionalGroupsSequence[0]
     ijk_from_lps = np.linalg.inv(LPS_TO_RAS @ ct.ijk_to_ras)
     frames = seg.pixel_array

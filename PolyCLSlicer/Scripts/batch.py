@@ -109,6 +109,7 @@ def run(args: argparse.Namespace) -> int:
                "samCheckpoint": args.sam_checkpoint, "samModel": args.sam_model,
                "sam2Checkpoint": args.sam2_checkpoint, "sam2Config": args.sam2_config}
     rows, stems = [], set()
+    batch_started = time.perf_counter()
     for number, path in enumerate(inputs, start=1):
         stem = volume_stem(path)
         while stem in stems:  # a.nii.gz and a.nrrd in one folder
@@ -136,7 +137,8 @@ def run(args: argparse.Namespace) -> int:
             rows.append((path.name, "FAILED", "", "", f"{time.perf_counter() - started:.1f}", message))
         finally:
             undo.remove_nodes_except(scene, before)
-        print(f"[{number}/{len(inputs)}] {path.name}: {rows[-1][1]}", file=sys.stderr, flush=True)
+        print(f"[{number}/{len(inputs)}] {path.name}: {rows[-1][1]} "
+              f"({time_left(time.perf_counter() - batch_started, number, len(inputs))})", file=sys.stderr, flush=True)
     header = ("input", "status", "liver ml", "slices", "seconds", "output / reason")
     print(format_table(rows, header))
     summary = write_summary(args.output / "summary.csv", rows, header)
@@ -146,6 +148,15 @@ def run(args: argparse.Namespace) -> int:
           f"{count['FAILED']} failed, {count['no liver']} with no liver found (empty masks); outputs in {args.output}, "
           f"table in {summary.name}")
     return 1 if count["FAILED"] else 0
+
+
+def time_left(elapsed: float, done: int, total: int) -> str:
+    """'1:05 elapsed, ~2:10 left' from the mean time per input so far."""
+    def clock(seconds: float) -> str:
+        minutes, seconds = divmod(int(round(seconds)), 60)
+        return f"{minutes // 60}:{minutes % 60:02d}:{seconds:02d}" if minutes >= 60 else f"{minutes}:{seconds:02d}"
+
+    return f"{clock(elapsed)} elapsed, ~{clock(elapsed / max(done, 1) * (total - done))} left"
 
 
 def write_summary(path: Path, rows: list[tuple[str, ...]], header: tuple[str, ...]) -> Path:

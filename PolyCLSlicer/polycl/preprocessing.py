@@ -47,6 +47,20 @@ def middle_slices(num_slices: int, fraction: float = 0.3) -> slice:
     return slice(start, start + count)
 
 
+LABEL_NOTE = "looks like a label mask"
+
+
+def _label_values(array: np.ndarray, low: float, high: float, most: int = 8) -> list[int] | None:
+    """The values of an array that holds only a few small non-negative integers (a label map), else None."""
+    if low < 0 or high > 255:
+        return None
+    sample = array.ravel()[:: max(1, array.size // 2_000_000)]
+    values = np.unique(sample)
+    if len(values) > most or not np.all(np.equal(np.mod(values, 1), 0)):
+        return None
+    return [int(v) for v in values]
+
+
 def validate_ct(array: np.ndarray, name: str = "volume") -> list[str]:
     """Raise InputVolumeError for arrays that cannot be a CT; return notes (warnings) for odd ones."""
     array = np.asarray(array)
@@ -66,6 +80,11 @@ def validate_ct(array: np.ndarray, name: str = "volume") -> list[str]:
     if low == high:
         raise InputVolumeError(f"{name}: every voxel has the value {low}; the volume is empty")
     notes = []
+    label_values = _label_values(array, low, high)
+    if label_values is not None:
+        return [f"{name}: looks like a label mask or segmentation (only the values "
+                f"{', '.join(str(v) for v in label_values)}), not a CT image: give the CT itself (a mask belongs to "
+                "--reference / --annotation / --labels)"]
     if low > -200 or high < 0:
         notes.append(
             f"{name}: intensity range [{low:g}, {high:g}] does not look like CT in Hounsfield units "

@@ -21,6 +21,13 @@ class CliError(Exception):
 
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """A usage error is one line saying what is wrong and where the help is, not the whole usage text."""
+
+    def error(self, message: str):  # noqa: D401  (argparse's hook)
+        self.exit(EXIT_ERROR, f"{self.prog}: error: {message} (see: {self.prog} --help)\n")
+
+
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     """Shows each option's default (unless its help states it; unset options: "none") and keeps the
     examples' line breaks."""
@@ -34,15 +41,23 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
 
 
 
+PROGRESS_FORMAT = "{desc}: {percentage:3.0f}%|{bar}| {elapsed}<{remaining}{postfix}"  # postfix brings its ", "
+
+
 def tqdm_progress(description: str) -> tuple[Callable[[float, str], None], Callable[[], None]]:
-    """A progress(fraction, message) callback drawing a tqdm bar, and its closer."""
+    """A progress(fraction, message) callback drawing a tqdm bar with elapsed and remaining time, and its closer.
+
+    The bar advances through ``update`` (not by setting its position), so tqdm's rate and time left follow the
+    work done; smoothing 0 estimates from the whole run, steadier than the last steps' rate."""
     from tqdm import tqdm
 
-    bar = tqdm(total=100, desc=description, unit="%", leave=False, file=sys.stderr,
-               bar_format="{desc}: {percentage:3.0f}%|{bar}| {postfix}")
+    bar = tqdm(total=100, desc=description, unit="%", leave=False, file=sys.stderr, smoothing=0,
+               bar_format=PROGRESS_FORMAT)
 
     def update(fraction: float, message: str) -> None:
-        bar.n = int(round(100 * fraction))
+        done = int(round(100 * min(max(float(fraction), 0.0), 1.0)))
+        if done > bar.n:
+            bar.update(done - bar.n)
         bar.set_postfix_str(message, refresh=True)
 
     return update, bar.close

@@ -43,15 +43,27 @@ def pair_images_and_labels(images: list[str], labels: list[str]) -> list[tuple[P
     return list(zip(image_files, label_files, strict=True))
 
 
-def _resolved_init(init: str | None) -> str | None:
-    """``--init starter`` is the bundled model."""
-    if init == "starter":
-        from ..nets.model_card import STARTER_CHECKPOINT
+SCRATCH = "none"
+STARTER_ARCHITECTURES = ("polycl_unet", "polycl_unet25d")  # the starter's network, also widened to 2.5D
 
-        return str(STARTER_CHECKPOINT)
-    if init is not None and not Path(init).is_file():
+
+def _resolved_init(init: str | None, architecture: str | None) -> tuple[str | None, str]:
+    """The --init checkpoint file (None: random weights) and a sentence saying what training starts from.
+
+    Without --init training starts from the bundled starter model (few labels go much further from a trained
+    liver model than from random weights), unless --architecture names a network it cannot initialise."""
+    from ..nets.model_card import STARTER_CHECKPOINT
+
+    if init is None:
+        init = "starter" if architecture in (None, *STARTER_ARCHITECTURES) else SCRATCH
+    if init == SCRATCH:
+        why = "--init none" if architecture in (None, *STARTER_ARCHITECTURES) else f"--architecture {architecture}"
+        return None, f"starting from random weights ({why})"
+    if init == "starter":
+        return str(STARTER_CHECKPOINT), f"starting from the bundled starter model ({STARTER_CHECKPOINT.name})"
+    if not Path(init).is_file():
         raise FileNotFoundError(f"--init {init}: no such file")
-    return init
+    return init, f"starting from {init}"
 
 
 def _config_from_args(args: argparse.Namespace):
@@ -107,12 +119,14 @@ def check_context_option(config) -> None:
 
 def _read_pairs(pairs: list[tuple[Path, Path]], allow_non_ct: bool) -> list:
     from ..io.volumes import read_mask, read_volume
-    from ..preprocessing import validate_ct
+    from ..preprocessing import LABEL_NOTE, validate_ct
 
     volumes = []
     for image_path, label_path in pairs:
         volume = read_volume(image_path)
         notes = validate_ct(volume.array, str(image_path))
+        if notes and LABEL_NOTE in notes[0]:
+            raise ValueError(notes[0])
         if notes and not allow_non_ct:
             raise ValueError(f"{notes[0]}; pass --allow-non-ct to train on it anyway")
         mask = read_mask(label_path, volume)
@@ -159,7 +173,7 @@ def command_finetune(args: argparse.Namespace) -> int:
 
     output = check_output_path(args.output, args.overwrite, (".safetensors", ".ckpt"),
                                (args.init, *args.images, *args.labels))
-    args.init = _resolved_init(args.init)
+    args.init, start = _resolved_init(args.init, args.architecture)
     config = _config_from_args(args)
     pairs = pair_images_and_labels(args.images, args.labels)
     split = _split(pairs, config)
@@ -172,6 +186,7 @@ def command_finetune(args: argparse.Namespace) -> int:
         print(describe_selection(volumes, config), file=sys.stderr)
     else:
         _print_split(pairs, volumes, split, config.val_fraction)
+    print(start, file=sys.stderr)
     bar = tqdm(total=args.epochs, desc="finetune", unit="epoch", file=sys.stderr)
 
     def progress(report) -> None:
@@ -183,7 +198,7 @@ def command_finetune(args: argparse.Namespace) -> int:
                           recipe_notes={"command": "polycl " + shlex.join(args.argv)})
     finally:
         bar.close()
-    print(f"wrote {result.path} (best epoch {result.best_epoch}; {json.dumps(result.card['metrics'])})")
+    print(f"wrote {result.path} (best epoch {result.best_epoch}, {start}; {json.dumps(result.card['metrics'])})")
     return 0
 
 
@@ -198,8 +213,9 @@ def add_finetune_command(subparsers: argparse._SubParsersAction) -> argparse.Arg
     parser.add_argument("--labels", nargs="+", required=True,
                         help="liver masks or folders (paired by case name, e.g. case_ct <-> case_liver, else in order)")
     parser.add_argument("-o", "--output", required=True, help="output checkpoint (.safetensors)")
-    parser.add_argument("--init", help="initial checkpoint: pretrained encoder, a segmentation model, or 'starter' "
-                        "(the bundled model); default: random initialisation")
+    parser.add_argument("--init", help="initial checkpoint: pretrained encoder, a segmentation model, 'starter' (the "
+                        "bundled model) or 'none' (random weights); default: starter, or none for --architecture "
+                        "resunet / transunet")
     parser.add_argument("--architecture", choices=["polycl_unet", "resunet", "transunet", "polycl_unet25d"],
                         help="network (default: the --init checkpoint's, else polycl_unet); polycl_unet25d: 2.5D, "
                              "adjacent axial slices as input channels")

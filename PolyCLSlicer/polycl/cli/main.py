@@ -10,7 +10,16 @@ from pathlib import Path
 
 import numpy as np
 
-from .common import EXIT_ERROR, CliError, HelpFormatter, check_input_path, check_output_path, strict_json, tqdm_progress
+from .common import (
+    EXIT_ERROR,
+    ArgumentParser,
+    CliError,
+    HelpFormatter,
+    check_input_path,
+    check_output_path,
+    strict_json,
+    tqdm_progress,
+)
 
 
 def _print_metrics(metrics: dict, as_json: bool = False) -> None:
@@ -43,7 +52,7 @@ def _check_segment_args(args: argparse.Namespace) -> None:
 def command_segment(args: argparse.Namespace) -> int:
     from ..inference import Segmenter
     from ..io.volumes import read_mask, read_volume, write_volume
-    from ..preprocessing import validate_ct
+    from ..preprocessing import LABEL_NOTE, validate_ct
     from .outputs import model_identity, write_outputs
     from .sam import build_refiner_from_args, review_json, run_refinement
 
@@ -53,6 +62,8 @@ def command_segment(args: argparse.Namespace) -> int:
     refiner = build_refiner_from_args(args)  # None without --refine; checks its checkpoint first
     volume = read_volume(args.input, series=args.series)
     notes = validate_ct(volume.array, str(args.input))
+    if notes and LABEL_NOTE in notes[0]:
+        raise CliError(notes[0])  # no flag makes a mask segmentable
     if notes and not args.allow_non_ct:
         raise CliError(f"{notes[0]}; pass --allow-non-ct to segment anyway")
     for note in notes:
@@ -65,7 +76,7 @@ def command_segment(args: argparse.Namespace) -> int:
             warnings.simplefilter("ignore")  # already reported above
             result = segmenter.segment(volume.array, volume.ijk_to_ras, batch_size=args.batch_size,
                                        largest_component=not args.no_largest_component, progress=progress,
-                                       probability=bool(args.probability))
+                                       probability=bool(args.probability), check_liver=not args.no_largest_component)
     finally:
         close()
     clock.lap("segment")
@@ -206,7 +217,8 @@ def _add_segment(subparsers) -> None:
     parser.add_argument("--reference", help="reference liver mask: print Dice / HD / HD95 (default: none)")
     parser.add_argument("--probability", help="also write the liver probability map to this file (default: no)")
     parser.add_argument("--no-largest-component", action="store_true",
-                        help="keep every connected component (default keeps the largest 3D one)")
+                        help="the network's raw mask: every connected component, no liver check (default: the "
+                             "largest 3D component, emptied when it is no liver)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     parser.add_argument("--allow-non-ct", action="store_true",
                         help="segment even when the intensities do not look like CT in Hounsfield units")
@@ -222,7 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
     from ..io.samples import DEFAULT_SAMPLE
     from .finetune import add_finetune_command
 
-    parser = argparse.ArgumentParser(prog="polycl", description="PolyCL liver segmentation in CT.")
+    parser = ArgumentParser(prog="polycl", description="PolyCL liver segmentation in CT.")
     parser.add_argument("--version", action="version", version=f"polycl {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True)
     _add_segment(subparsers)

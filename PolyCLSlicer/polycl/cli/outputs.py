@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -63,6 +64,10 @@ def _dicom_source(args: argparse.Namespace, target: str) -> list[str]:
     return choose_series(Path(args.input), getattr(args, "series", None)).files
 
 
+def plural(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
 def write_outputs(args: argparse.Namespace, volume, mask: np.ndarray, algorithm: str, version: str,
                   automatic: bool = True) -> list[str]:
     """The main output (mask file or DICOM SEG), then ``--dicom-seg`` and ``--overlay``; the paths written."""
@@ -73,9 +78,15 @@ def write_outputs(args: argparse.Namespace, volume, mask: np.ndarray, algorithm:
         if target is None:
             continue
         if wants_dicom_seg(target):
+            import warnings
+
             from ..io.dicom_seg import write_dicom_seg
 
-            write_dicom_seg(target, mask, volume.ijk_to_ras, args.dicom_source, algorithm, version, automatic)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                write_dicom_seg(target, mask, volume.ijk_to_ras, args.dicom_source, algorithm, version, automatic)
+            for warning in caught:  # e.g. UIDs generated for a series without them: said once, on one line
+                print(f"polycl: warning: {warning.message}", file=sys.stderr)
         else:
             write_mask(target, mask, volume.ijk_to_ras)
         written.append(str(target))
@@ -119,12 +130,15 @@ def command_series(args: argparse.Namespace) -> int:
         raise CliError(f"{folder}: no DICOM series found (not recursive: point at the folder holding the files)")
     for row, series in zip(rows, found, strict=True):
         if row["number"] is None:
-            print(f"[-] {series.modality or '?'} {series.description!r}, {row['images']} files, UID {series.uid} "
-                  "(not an image series)")
+            print(f"[-] {series.modality or '?'} {series.description!r}, {plural(row['images'], 'file')}, "
+                  f"UID {series.uid} (not an image series)")
         else:
             print(series.label(row["number"]))
-    print(f"{len(images)} image series; pick one with --series NUMBER or --series UID" if images else
-          "no image series here (only objects such as SEG or RTSTRUCT): nothing to segment")
+    if len(images) == 1:
+        print("1 image series: segment the folder as it is (no --series needed)")
+    else:
+        print(f"{len(images)} image series; pick one with --series NUMBER or --series UID" if images else
+              "no image series here (only objects such as SEG or RTSTRUCT): nothing to segment")
     return 0
 
 

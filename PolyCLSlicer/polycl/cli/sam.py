@@ -117,7 +117,7 @@ def command_propagate(args: argparse.Namespace) -> int:
     from .. import __version__
     from ..io.base import MASK_SUFFIXES
     from ..io.volumes import read_mask, read_volume
-    from ..preprocessing import validate_ct
+    from ..preprocessing import LABEL_NOTE, validate_ct
     from ..sam.propagation import StopRules, propagate_from_annotation
     from .common import check_input_path, check_output_path, tqdm_progress
     from .outputs import DICOM_SUFFIXES, check_extra_outputs, write_outputs
@@ -132,6 +132,8 @@ def command_propagate(args: argparse.Namespace) -> int:
     check_extra_outputs(args, inputs)  # --dicom-seg / -o .dcm (needs a DICOM series input), --overlay
     volume = read_volume(args.input, series=args.series)
     for note in validate_ct(volume.array, str(args.input)):  # broken CTs raise; odd ones are a warning
+        if LABEL_NOTE in note:
+            raise ValueError(note)
         print(f"polycl: warning: {note}", file=sys.stderr)
     annotation = read_mask(args.annotation, volume)
     guide = read_mask(args.guide, volume).array if args.guide else None
@@ -166,9 +168,10 @@ def command_propagate(args: argparse.Namespace) -> int:
             "seconds": result.seconds, "stops": list(result.stops), "dice": score,
             "dicom_seg": args.dicom_seg, "overlay": args.overlay}))
         return 0
+    liver_ml = float(result.mask.astype(bool).sum()) * float(np.prod(volume.spacing)) / 1000
+    print(f"wrote {output} ({int(result.mask.astype(bool).sum())} liver voxels, {liver_ml:.1f} mL)")
     if score is not None:
         print(f"Dice {score:.4f}")
-    print(output)
     return 0
 
 

@@ -21,13 +21,18 @@ def command_suggest(args: argparse.Namespace) -> int:
     from ..io.volumes import read_mask, read_volume
     from ..suggest import suggest_slices
     from ..training.sparse import annotated_slices
+    from .common import tqdm_progress
 
     if args.count < 1:
         raise ValueError(f"--count {args.count} must be at least 1")
     volume = read_volume(args.input)
     painted = annotated_slices(read_mask(args.annotated, volume).array, volume.ijk_to_ras) if args.annotated else []
     segmenter = Segmenter.from_checkpoint(args.checkpoint, args.device)
-    found = suggest_slices(segmenter, volume.array, volume.ijk_to_ras, args.count, painted)
+    progress, close = tqdm_progress("suggest")
+    try:
+        found = suggest_slices(segmenter, volume.array, volume.ijk_to_ras, args.count, painted, progress=progress)
+    finally:
+        close()
     if args.json:
         print(json.dumps(found.to_json()))
         return 0

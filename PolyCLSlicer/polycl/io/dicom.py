@@ -33,7 +33,8 @@ class Series:
 
     def label(self, number: int) -> str:
         description = f" {self.description!r}" if self.description else ""
-        return f"[{number}] {self.modality or '?'}{description}, {len(self.files)} files, UID {self.uid or '(empty)'}"
+        files = f"{len(self.files)} file{'' if len(self.files) == 1 else 's'}"
+        return f"[{number}] {self.modality or '?'}{description}, {files}, UID {self.uid or '(empty)'}"
 
 
 def _tag(reader: sitk.ImageFileReader, key: str) -> str:

@@ -73,6 +73,29 @@ def is_dicom_seg(path: str | os.PathLike) -> bool:
     return str(header.get("SOPClassUID", "")) == SEG_SOP_CLASS
 
 
+SERIES_UIDS = ("StudyInstanceUID", "SeriesInstanceUID", "FrameOfReferenceUID")
+
+
+def fill_missing_uids(datasets: list) -> list[str]:
+    """Give the in-memory source datasets one generated UID for each of Study / Series / Frame of Reference
+    Instance UID that is empty in all of them (anonymisers blank them; a SEG with empty UIDs cannot be filed
+    by a PACS), and warn once per UID: the SEG then references that UID, not the files'.  The names filled."""
+    from pydicom.uid import generate_uid
+
+    filled = []
+    for key in SERIES_UIDS:
+        if any(str(dataset.get(key, "")).strip() for dataset in datasets):
+            continue
+        uid = generate_uid()
+        for dataset in datasets:
+            setattr(dataset, key, uid)
+        filled.append(key)
+    if filled:
+        warnings.warn(f"the DICOM series has no {', '.join(filled)}: the DICOM SEG uses new UIDs in their place "
+                      "(its references to the series' images stay valid by SOP Instance UID)", stacklevel=3)
+    return filled
+
+
 def _sorted_sources(files: list[str]) -> list:
     """The series' datasets (pixel data not loaded) in volume order (highdicom's sort; regular spacing)."""
     import pydicom
@@ -88,6 +111,7 @@ def _sorted_sources(files: list[str]) -> list:
         if "SpecificCharacterSet" in dataset and not any(str(v).strip() for v in
                                                          np.atleast_1d(dataset.SpecificCharacterSet)):
             del dataset.SpecificCharacterSet  # empty = the default repertoire; highdicom refuses ''
+    fill_missing_uids(datasets)
     if len(datasets) == 1:
         return datasets, float(datasets[0].get("SpacingBetweenSlices", 0) or datasets[0].get("SliceThickness", 1))
     step, order = _highdicom().spatial.get_series_volume_positions(datasets)

@@ -26,7 +26,14 @@ from .integrity import IncompleteFileError, check_axes, check_complete
 
 def _read_image(path: Path, series: str | int | None = None) -> sitk.Image:
     if path.is_dir():
+        from .cases import VOLUME_SUFFIXES
         from .dicom import read_series
+
+        files = [child for child in path.iterdir() if child.is_file() and not child.name.startswith(".")]
+        volumes = [child for child in files if child.name.lower().endswith(VOLUME_SUFFIXES)]
+        if volumes and len(volumes) == len(files):  # nothing else: no DICOM file (they may have no extension)
+            raise VolumeReadError(f"{path}: a folder of {len(volumes)} volume file(s), not a DICOM series; give one "
+                                  "file, or segment them all with PolyCLSlicer/Scripts/batch.py --input FOLDER")
 
         return read_series(path, series)
     check_complete(path)

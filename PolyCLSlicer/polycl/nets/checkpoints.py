@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from ..field_of_view import check_field_of_view
 from ..io.base import atomic_write
@@ -66,7 +66,14 @@ def save_checkpoint(path: str | os.PathLike, state_dict: dict[str, torch.Tensor]
         raise FileExistsError(f"{path} exists; choose another name or allow overwriting")
     tensors = {key: value.detach().to("cpu").contiguous() for key, value in state_dict.items()}
     metadata = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "card": json.dumps(card)}
-    return atomic_write(path, lambda temp: save_file(tensors, str(temp), metadata=metadata))
+    return write_safetensors(path, tensors, metadata)
+
+
+def write_safetensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> Path:
+    """Write a safetensors file atomically with the mode of any new file (0666 minus the umask): the bytes go
+    into atomic_write's temp file (safetensors' own ``save_file`` creates mode 0600, unreadable for colleagues
+    on a shared server)."""
+    return atomic_write(path, lambda temp: temp.write_bytes(save(tensors, metadata=metadata)))
 
 
 def save_model(path: str | os.PathLike, model: torch.nn.Module, card: dict, overwrite: bool = True) -> Path:

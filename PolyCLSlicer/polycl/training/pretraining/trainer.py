@@ -23,15 +23,13 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler
 
 from ... import __version__
 from ...devices import configure_precision, distributed_backend, place, resolve_device
-from ...io.base import atomic_write
-from ...nets.checkpoints import default_card, read_checkpoint, save_checkpoint
+from ...nets.checkpoints import default_card, read_checkpoint, save_checkpoint, write_safetensors
 from ...nets.registry import build_model, check_input_size
 from ...nets.unet import ProjectionHead, SegmentationNet
 from ...progress import CancelFlag
@@ -228,7 +226,7 @@ def save_optimizer_state(path: Path, optimizer: torch.optim.Optimizer, scheduler
                 "scheduler": json.dumps(scheduler.state_dict() if scheduler is not None else {})}
     if not tensors:
         tensors = {"empty": torch.zeros(1)}
-    atomic_write(path, lambda temp: save_file(tensors, str(temp), metadata=metadata))
+    write_safetensors(path, tensors, metadata)
 
 
 def load_optimizer_state(path: Path, optimizer: torch.optim.Optimizer, scheduler, epoch: int) -> bool:
