@@ -1,8 +1,8 @@
 """Contracts of issue 26: each test fails on the one-line bug named in its docstring (each was made in the
 code and watched failing).  Unit level on synthetic arrays and tiny networks: checkpoints, outputs that
 would replace an input, truncated files, sparse finetuning, slice suggestion, field of view, .seg.nrrd,
-metrics on permuted and oblique grids, TransUNet's position table.  DICOM SEG and batch contracts sit in
-tests/test_dicom_seg_overlay.py and tests/test_batch.py beside their fixtures.
+metrics on permuted and oblique grids, TransUNet's position table, DICOM SEG frame order.  The batch
+contracts sit in tests/test_batch.py beside its fixtures.
 """
 
 from __future__ import annotations
@@ -323,6 +323,71 @@ def test_field_of_view_warning_threshold(width_mm, warns):
     assert bool(notes) == warns
     if warns:
         assert f"{1 - 400 / width_mm:.0%} of the body lies outside the model's 400 mm field of view" in notes[0]
+
+
+# ------------------------------------------------------------------------------------------------ DICOM SEG
+@pytest.fixture(scope="module")
+def dicom_series(data_dir):
+    """The 20-slice CT series and a liver mask with a band on one side (a flip would show) and slices 0 and 7
+    empty: emptied after the band, so they stay empty (tests/test_dicom_seg_overlay.py's fixture refills
+    them)."""
+    pytest.importorskip("highdicom")
+    from polycl.io.dicom import choose_series
+    from polycl.io.volumes import read_mask
+
+    folder = data_dir / "dicom" / "totalseg_series"
+    ct = read_volume(folder)
+    mask = read_mask(data_dir / "labeled" / "totalseg_dcm_liver.nii.gz", ct).array.copy()
+    mask[:40, :, :] = 1
+    mask[:, :, [0, 7]] = 0
+    return ct, mask, choose_series(folder).files
+
+
+def _frames_by_slice(seg, ct: Volume) -> dict[int, tuple[np.ndarray, str]]:
+    """Source slice k -> (frame pixels, referenced SOP Instance UID), k from each frame's plane position."""
+    from polycl.io.base import LPS_TO_RAS
+
+    ijk_from_lps = np.linalg.inv(LPS_TO_RAS @ ct.ijk_to_ras)
+    out = {}
+    for number, frame in enumerate(seg.PerFrameFunctionalGroupsSequence):
+        position = np.append(np.asarray(frame.PlanePositionSequence[0].ImagePositionPatient, float), 1.0)
+        k = int(round((ijk_from_lps @ position)[2]))
+        uid = str(frame.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID)
+        out[k] = (seg.pixel_array[number], uid)
+    return out
+
+
+def test_dicom_seg_of_a_series_in_shuffled_file_order_is_the_same_seg(dicom_series):
+    """Bug: the series' datasets put in volume order with the inverse permutation ([datasets[n] for n in
+    order] instead of datasets[order.index(n)]): invisible while the files arrive sorted, as every test
+    gave them; shuffled, frames referenced the wrong source images."""
+    from polycl.io.dicom_seg import build_dicom_seg
+
+    ct, mask, files = dicom_series
+    order = np.random.default_rng(7).permutation(len(files))
+    assert not np.array_equal(order[order], np.arange(len(files)))  # not its own inverse
+    straight = build_dicom_seg(mask, ct.ijk_to_ras, files, "PolyCLSlicer", "v1")
+    shuffled = build_dicom_seg(mask, ct.ijk_to_ras, [files[i] for i in order], "PolyCLSlicer", "v1")
+    a, b = _frames_by_slice(straight, ct), _frames_by_slice(shuffled, ct)
+    assert sorted(a) == sorted(b) == list(range(len(files)))
+    for k in a:
+        assert np.array_equal(a[k][0], b[k][0]) and a[k][1] == b[k][1], f"slice {k} differs"
+        assert np.array_equal(b[k][0], mask[:, :, k].T)
+
+
+def test_dicom_seg_empty_slices_give_empty_frames_of_their_own(dicom_series):
+    """Bug: empty frames omitted (omit_empty_frames=True) or filled from a neighbour; the module's contract is
+    one frame per source slice, an empty slice's frame holding no liver.  The fixture of
+    tests/test_dicom_seg_overlay.py meant to test this refilled every slice (mask[:40] = 1 after emptying)."""
+    from polycl.io.dicom_seg import build_dicom_seg
+
+    ct, mask, files = dicom_series
+    assert not mask[:, :, [0, 7]].any() and mask[:, :, 1].any() and mask[:, :, 6].any()  # premise
+    seg = build_dicom_seg(mask, ct.ijk_to_ras, files, "PolyCLSlicer", "v1")
+    frames = _frames_by_slice(seg, ct)
+    assert int(seg.NumberOfFrames) == len(files) and sorted(frames) == list(range(len(files)))
+    assert not frames[0][0].any() and not frames[7][0].any()
+    assert all(np.array_equal(frames[k][0], mask[:, :, k].T) for k in frames)
 
 
 # -------------------------------------------------------------------------------------------- .seg.nrrd
