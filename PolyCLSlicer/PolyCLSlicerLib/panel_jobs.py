@@ -39,10 +39,14 @@ class PanelJobs:
         needed = dependencies.missing(refiner, engine)
         if not needed:
             return True
+        label = statusLabel or self.ui.statusLabel
         with slicer.util.tryWithErrorDisplay("Installing Python packages failed."):
-            if dependencies.ensure(needed):
-                return True
-            (statusLabel or self.ui.statusLabel).text = "Cancelled: the Python packages were not installed."
+            try:
+                if dependencies.ensure(needed):
+                    return True
+                label.text = "Cancelled: the Python packages were not installed."
+            except dependencies.InstallFailedShown:  # Slicer showed the error and pip's log already
+                label.text = "Failed: the Python packages were not installed (see the error shown)."
         return False
 
     def _cancelRunningJob(self) -> bool:
