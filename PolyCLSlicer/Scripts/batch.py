@@ -54,7 +54,24 @@ def find_inputs(path: Path) -> list[Path]:
             found.append(child)
         elif child.is_dir() and any(child.glob("*.dcm")):
             found.append(child)
-    return found
+    earlier = output_names(found)  # outputs of this script are never inputs (output folder = input folder)
+    return [child for child in found if child.name not in earlier]
+
+
+def unique_stems(inputs: list[Path]) -> list[str]:
+    """Each input's output stem: its name without the volume extension, ``_`` added until unique."""
+    stems: list[str] = []
+    for path in inputs:
+        stem = volume_stem(path)
+        while stem in stems:  # a.nii.gz and a.nrrd in one folder
+            stem += "_"
+        stems.append(stem)
+    return stems
+
+
+def output_names(inputs: list[Path]) -> set[str]:
+    """The file names this script writes for ``inputs`` (with or without --nifti)."""
+    return {name for stem in unique_stems(inputs) for name in (f"{stem}.seg.nrrd", f"{stem}_liver.nii.gz")}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -108,13 +125,9 @@ def run(args: argparse.Namespace) -> int:
     options = {"checkpoint": args.checkpoint, "device": args.device, "refiner": args.refine,
                "samCheckpoint": args.sam_checkpoint, "samModel": args.sam_model,
                "sam2Checkpoint": args.sam2_checkpoint, "sam2Config": args.sam2_config}
-    rows, stems = [], set()
+    rows = []
     batch_started = time.perf_counter()
-    for number, path in enumerate(inputs, start=1):
-        stem = volume_stem(path)
-        while stem in stems:  # a.nii.gz and a.nrrd in one folder
-            stem += "_"
-        stems.add(stem)
+    for number, (path, stem) in enumerate(zip(inputs, unique_stems(inputs), strict=True), start=1):
         targets = [args.output / f"{stem}.seg.nrrd"] + ([args.output / f"{stem}_liver.nii.gz"] if args.nifti else [])
         missing = targets if args.overwrite else [t for t in targets if not t.exists()]
         started = time.perf_counter()
