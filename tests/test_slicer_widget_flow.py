@@ -310,9 +310,11 @@ def test_closing_the_scene_during_a_job_discards_its_result(app, widget):
     w = widget.widget
     before = node_ids(app.scene)
     w.onApplyButton()
+    folder = w._job.runner.folder
     w.onSceneStartClose(None, None)  # the user closes the scene while the segmentation runs
     assert w._parameterNode is None
     run_job(w)
+    assert not folder.exists()  # the hand-over files go with the job (issue 21 row 6)
     assert w.ui.statusLabel.text in ("The scene was closed; the result was discarded.",
                                      "Cancelled; the scene and files are unchanged.")
     assert node_ids(app.scene) == before and w.ui.applyButton.text == "Apply"

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-PROJECT_URL = "https://github.com/PolyCLSlicer/PolyCLSlicer"  # set to the published repository
+PROJECT_URL = "https://github.com/PolyCLSlicer/SlicerPolyCL"  # publishing repository (index: name starts Slicer)
 SAMPLE_DATA_URL = f"{PROJECT_URL}/releases/download/sample-data-v1"
 SAMPLE_NAME = "PolyCLLiverCT"
 SAMPLE_CT = ("PolyCLLiverCT.nii.gz", "SHA256:68dd27de0963491c187781a6042cfdad1ee01788f888cdcb9fc1ce4ce5c6e381")
