@@ -36,12 +36,14 @@ def twin(array: np.ndarray, ijk_to_ras: np.ndarray, order=(1, 0, 2), flip: int =
 
 @pytest.fixture(scope="module")
 def series(data_dir):
-    """The 20-slice CT series, its liver mask with slices 0 and 7 emptied (frames must not be mixed up)."""
+    """The 20-slice CT series, its liver mask with slices 0 and 7 emptied (frames must not be mixed up, and an
+    empty slice keeps its own, empty frame)."""
     folder = data_dir / SERIES
     ct = read_volume(folder)
     mask = read_mask(data_dir / "labeled" / "totalseg_dcm_liver.nii.gz", ct).array.copy()
-    mask[:, :, [0, 7]] = 0
     mask[:40, :, :] = 1  # a band on one side only: a left-right or front-back flip would show
+    mask[:, :, [0, 7]] = 0  # after the band, which would refill them (issue 26)
+    assert not mask[:, :, [0, 7]].any() and mask[:, :, 1:7].any(axis=(0, 1)).all()
     from polycl.io.dicom import choose_series
 
     return folder, ct, mask, choose_series(folder).files
