@@ -133,6 +133,18 @@ def test_batch_inside_slicer_exits_with_code_1_and_a_message_on_any_error(tmp_pa
     write_volume(ct, np.zeros((8, 8, 4), np.int16), np.eye(4))
     fake_app = (  # slicer.app as inside Slicer; slicer.util.exit records the code like the app would
         "import runpy, sys, types, slicer, slicer.util\n"
+        f"sys.path.insert(0, {str(SCRIPT.parent.parent)!r})\n"
+        "from PolyCLSlicerLib import headless\n"  # the app-only modules the module file imports inside the app
+        "names = ('ScriptedLoadableModule', 'ScriptedLoadableModuleWidget', 'ScriptedLoadableModuleLogic', "
+        "'ScriptedLoadableModuleTest')\n"
+        "app_modules = {'ctk': {}, 'qt': {}, 'slicer.ScriptedLoadableModule': {n: getattr(headless, n) for n in names},"
+        " 'slicer.parameterNodeWrapper': {'WithinRange': headless.WithinRange, 'parameterNodeWrapper': "
+        "headless.parameterNodeWrapper, 'GuiConnector': object, 'parameterNodeGuiConnector': lambda c: c, "
+        "'unannotatedType': lambda t: t}}\n"
+        "for name, attributes in app_modules.items():\n"
+        "    sys.modules[name] = types.ModuleType(name)\n"
+        "    vars(sys.modules[name]).update(attributes)\n"
+        "slicer.util.VTKObservationMixin = headless.VTKObservationMixin\n"
         "slicer.app = types.SimpleNamespace(majorVersion=5, minorVersion=10, connect=lambda *a: None)\n"
         "slicer.util.exit = lambda code=0: print(f'SLICER EXIT {code}')\n"
         f"sys.argv = [{str(SCRIPT)!r}, '--input', {str(ct)!r}, '--output', {str(blocker / 'out')!r}]\n"
