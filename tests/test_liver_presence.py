@@ -75,6 +75,17 @@ def test_lateral_position_on_an_oblique_anisotropic_grid():
         pytest.approx(lateral_position(mask, ct, matrix), abs=0.1)
 
 
+def test_a_field_of_view_that_cuts_the_body_has_no_midline_to_judge_by():
+    """A small field of view centred off the midline: the body's centre in view is not the patient's midline."""
+    ct, mask, matrix = phantom(liver_side=0.4)
+    shift = np.eye(4)
+    shift[2, 3] = 40
+    cut_ct, cut_mask = ct[:, :, 40:90], mask[:, :, 40:90]  # 150 mm wide, the body fills it side to side
+    check = assess_liver(cut_mask, 0.97, cut_ct, matrix @ shift)
+    assert check.lateral is None and check.status == "found", check
+    assert assess_liver(mask, 0.97, ct, matrix).lateral == pytest.approx(0.2, abs=0.08)  # whole body: judged
+
+
 def test_a_few_millilitres_are_no_liver_whatever_the_confidence():
     ct, mask, matrix = phantom(liver_mm=(9, 9, 30))  # 2.4 mL
     check = assess_liver(mask, 0.99, ct, matrix)
@@ -95,6 +106,9 @@ def test_whole_extent_in_view_needs_a_whole_liver_volume():
     ct, mask, matrix = phantom(liver_mm=(60, 50, 60), liver_z=(8, 32))  # 207 mL, ends inside the scan
     check = assess_liver(mask, 0.97, ct, matrix)
     assert check.whole_extent and check.status == IMPLAUSIBLE and "both ends" in check.message
+    ct, mask, matrix = phantom(liver_mm=(30, 30, 60), liver_z=(8, 32))  # 54 mL, confident, in place: no liver
+    check = assess_liver(mask, 0.97, ct, matrix)
+    assert check.whole_extent and check.status == NONE and "far less than a whole liver" in check.reason
     ct, mask, matrix = phantom(liver_mm=(60, 50, 60), liver_z=(0, 40))  # the scan cuts it: a partial liver
     assert assess_liver(mask, 0.97, ct, matrix).status == "found"
     ct, mask, matrix = phantom(liver_mm=(160, 150, 120), liver_z=(0, 40))  # 2.9 L in 120 mm: fine

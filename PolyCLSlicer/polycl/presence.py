@@ -28,8 +28,10 @@ SMALL_ML = 150.0  # below this a component must also be confident and placed lik
 MIN_CONFIDENCE = 0.9  # mean probability inside a small component
 MAX_LATERAL = 0.75  # centre of a small component: at most this share of the body's half-width right of midline
 WHOLE_LIVER_ML = (500.0, 4000.0)  # adult livers, with margin; checked when both ends of the mask are in view
+NOT_A_WHOLE_LIVER_ML = 150.0  # whole extent in view but less than this: no adult liver (newborns' are ~150 mL)
 MAX_LIVER_ML = 4000.0
 BODY_HU = -300.0
+CUT_BODY_SHARE = 0.05  # body on more than this share of the scan's left or right edge: the field of view cuts it
 
 
 @dataclass
@@ -40,7 +42,7 @@ class LiverCheck:
     reason: str
     volume_ml: float = 0.0
     confidence: float = 0.0
-    lateral: float = 0.0  # component centre right of the body's midline, in body half-widths (<0: left)
+    lateral: float | None = None  # centre right of the body's midline in body half-widths (<0: left; None: cut)
     whole_extent: bool = False  # neither the first nor the last axial slice holds mask
 
     @property
@@ -58,25 +60,31 @@ class LiverCheck:
 
     def as_dict(self) -> dict:
         return {"status": self.status, "reason": self.reason, "volume_ml": round(self.volume_ml, 1),
-                "confidence": round(self.confidence, 3), "lateral": round(self.lateral, 2),
+                "confidence": round(self.confidence, 3),
+                "lateral": None if self.lateral is None else round(self.lateral, 2),
                 "whole_extent": self.whole_extent}
 
 
-def lateral_position(mask: np.ndarray, ct: np.ndarray, ijk_to_ras: np.ndarray) -> float:
+def lateral_position(mask: np.ndarray, ct: np.ndarray, ijk_to_ras: np.ndarray) -> float | None:
     """Centre of ``mask`` to the patient's right of the body's midline on the mask's axial slices, in body
-    half-widths (negative: on the left).  RAS x grows towards the patient's right."""
+    half-widths (negative: on the left); None when the scan cuts the body at its left or right side (a small
+    field of view), where the midline is not in view.  RAS x grows towards the patient's right."""
     axis = CanonicalOrientation.from_matrix(ijk_to_ras).slice_axis
     rows = np.flatnonzero(np.any(mask, axis=tuple(a for a in range(3) if a != axis)))
     pick = [slice(None)] * 3
     pick[axis] = slice(int(rows[0]), int(rows[-1]) + 1)
     body = np.asarray(ct[tuple(pick)]) > BODY_HU
     if not body.any():
-        return 0.0
+        return None
     x_of_index = np.asarray(ijk_to_ras, float)[0, :3]  # RAS x = x_of_index @ ijk + origin: differences only
+    lateral_axis = int(np.argmax(np.abs(x_of_index)))
+    edges = (body.take(0, axis=lateral_axis), body.take(-1, axis=lateral_axis))
+    if any(edge.mean() > CUT_BODY_SHARE for edge in edges):
+        return None
     body_x = np.argwhere(body)[::7] @ x_of_index
     mask_x = float((np.argwhere(np.asarray(mask)[tuple(pick)]) @ x_of_index).mean())
-    left, right = np.percentile(body_x, [1, 99])
-    return float((mask_x - (left + right) / 2) / max((right - left) / 2, 1.0))
+    low, high = np.percentile(body_x, [1, 99])
+    return float((mask_x - (low + high) / 2) / max((high - low) / 2, 1.0))
 
 
 def assess_liver(mask: np.ndarray, confidence: float, ct: np.ndarray, ijk_to_ras: np.ndarray) -> LiverCheck:
@@ -93,14 +101,17 @@ def assess_liver(mask: np.ndarray, confidence: float, ct: np.ndarray, ijk_to_ras
     check = LiverCheck(FOUND, "", volume, float(confidence), lateral, whole)
     if volume < MIN_LIVER_ML:
         return _judged(check, NONE, f"only {volume:.1f} mL were labelled, less than any liver in view")
-    if lateral < 0:
+    if lateral is not None and lateral < 0:
         return _judged(check, NONE, f"the {volume:.0f} mL labelled lie on the patient's left, where the liver is not")
     if volume < SMALL_ML and confidence < MIN_CONFIDENCE:
         return _judged(check, NONE, f"a small region ({volume:.0f} mL) labelled with low confidence "
                                     f"({confidence:.2f})")
-    if volume < SMALL_ML and lateral > MAX_LATERAL:
+    if volume < SMALL_ML and lateral is not None and lateral > MAX_LATERAL:
         return _judged(check, NONE, f"a small region ({volume:.0f} mL) at the body's right edge, not where the "
                                     "liver lies")
+    if whole and volume < NOT_A_WHOLE_LIVER_ML:
+        return _judged(check, NONE, f"a {volume:.0f} mL region that ends inside the scan at both ends, far less than "
+                                    "a whole liver")
     if volume > MAX_LIVER_ML:
         return _judged(check, IMPLAUSIBLE, f"{volume / 1000:.2f} L is more than any liver")
     if whole and not WHOLE_LIVER_ML[0] <= volume <= WHOLE_LIVER_ML[1]:
