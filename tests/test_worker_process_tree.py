@@ -106,12 +106,15 @@ def test_cancel_of_a_stuck_worker_ends_launcher_and_worker(launcher, tmp_path):
     try:
         os.kill(pids[1], signal.SIGSTOP)  # stuck
         job = client.submit("suggest", {"volume": str(tmp_path / "none.nrrd")}, {}, {})
+        seen = []
+        job.on_end.append(lambda: seen.append(running(pids[1])))  # where the job folder is removed
         asked = time.monotonic()
         job.request_cancel()
         deadline, events = asked + 30, []
         while not job.ended and time.monotonic() < deadline:
             events += job.poll(timeout=0.05)
         assert [e.kind for e in events] == ["cancelled"] and "terminated" in events[0].message
+        assert seen == [False]  # the hand-over folder goes only once the worker cannot write into it
         # the worker had cancel_timeout to answer; from then on the tree has TREE_GONE_S to go
         left = asked + client.cancel_timeout + TREE_GONE_S - time.monotonic()
         assert wait_gone(pids, left) == []

@@ -258,9 +258,9 @@ class WorkerClient:
         except (BrokenPipeError, OSError, ValueError):
             pass  # already gone: the reader reports the exit
 
-    def stop(self, grace: float = 0.5) -> None:
+    def stop(self, grace: float = 0.5, message: str = "stopped") -> None:
         """Stop the worker's whole process tree (it restarts on the next job); a running job ends as
-        cancelled and its job folder is removed.
+        cancelled (with ``message``) and, once the tree is gone, its job folder is removed.
 
         Asks it to exit (end of stdin), then terminates, then kills, ``grace`` seconds apart.
         """
@@ -270,7 +270,7 @@ class WorkerClient:
             if process.popen.returncode == 0:  # a clean exit: nothing in its log is needed any more
                 process.remove_log()
         if self.current is not None and not self.current.ended:
-            self.current.abandon("cancelled", "stopped")
+            self.current.abandon("cancelled", message)
 
 
 class JobRun:
@@ -313,9 +313,11 @@ class JobRun:
             elif job_id == self.id:
                 events.append(self._event(raw))
         if not self.ended and self.cancel_deadline is not None and time.monotonic() > self.cancel_deadline:
-            self.abandon("cancelled", f"cancelled (the worker did not stop within {self.client.cancel_timeout:g} s "
-                                      "and was terminated)")
-            self.client.stop(grace=0.5)  # the next job starts a fresh worker
+            message = (f"cancelled (the worker did not stop within {self.client.cancel_timeout:g} s and was "
+                       "terminated)")
+            self.client.stop(grace=0.5, message=message)  # tree gone first; the next job starts a fresh worker
+            if not self.ended:
+                self.abandon("cancelled", message)
             events, self._pending = events + self._pending, []
         return events
 
