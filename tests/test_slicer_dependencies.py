@@ -10,6 +10,7 @@ separate process (never ``installTorch``, which imports torch into Slicer), sam2
 
 from __future__ import annotations
 
+import subprocess
 import sys
 import types
 from pathlib import Path
@@ -33,6 +34,11 @@ class Machine:
         self.installed = {k.lower(): v for k, v in installed.items()}
         self.questions, self.calls = [], []
         self.answer = True
+        self.pending: list = []  # what the Qt event loop would still deliver (5.12 non-blocking processes)
+        self.events_processed, self.dialogs, self.exit_code = 0, [], 0
+        self.output = ["Collecting torch", "Successfully installed torch"]
+        monkeypatch.setattr(slicer, "app", types.SimpleNamespace(processEvents=self._process_events), raising=False)
+        monkeypatch.setattr(slicer.util, "createProgressDialog", self._progress_dialog, raising=False)
         monkeypatch.setattr(dependencies, "installed_version", lambda name: self.installed.get(name.lower()))
         monkeypatch.setattr(slicer.util, "pip_install", self._record("util.pip_install"), raising=False)
         monkeypatch.setattr(slicer.util, "executePythonModule", self._execute, raising=False)
@@ -68,11 +74,29 @@ class Machine:
                     self.installed[req.name.lower()] = pinned
         return install
 
-    def _execute(self, module: str, args: list[str]) -> None:
-        """``PythonSlicer -m module args`` in its own process."""
+    def _execute(self, module: str, args: list[str], blocking: bool = True, logCallback=None,
+                 completedCallback=None) -> None:
+        """``PythonSlicer -m module args`` in its own process; non-blocking (5.11+): output and completion
+        arrive from the event loop (Slicer's QTimer polling), blocking (5.10 ``_executePythonModule``): now."""
         self.calls.append(("executePythonModule", module, list(args)))
-        if module == "light_the_torch":
+        if module == "light_the_torch" and not self.exit_code:
             self.installed.update(torch="2.6.0+cu124", torchvision="0.21.0+cu124")
+        if not blocking:
+            self.pending += [lambda line=line: logCallback(line) for line in self.output]
+            self.pending.append(lambda: completedCallback(self.exit_code))
+        elif self.exit_code:
+            raise subprocess.CalledProcessError(self.exit_code, [module])
+
+    def _process_events(self) -> None:
+        self.events_processed += 1
+        if self.pending:
+            self.pending.pop(0)()
+
+    def _progress_dialog(self, **kwargs):
+        dialog = types.SimpleNamespace(closed=False, labels=[], **kwargs)
+        dialog.close = lambda: setattr(dialog, "closed", True)
+        self.dialogs.append(dialog)
+        return dialog
 
     def confirm(self, text: str) -> bool:
         self.questions.append(text)
@@ -125,6 +149,17 @@ def test_slicer_5_10_runs_light_the_torch_with_its_older_helper(monkeypatch):
     monkeypatch.setattr(slicer.util, "_executePythonModule", machine._execute, raising=False)
     assert dependencies.ensure(["torch>=2.4"], machine.confirm) is True
     assert machine.calls == [("executePythonModule", "light_the_torch", ["install", "torch>=2.4"])]
+    assert machine.dialogs == []  # blocking, as PyTorch Utils runs it there
+
+
+def test_light_the_torch_keeps_the_event_loop_running_under_a_progress_dialog(monkeypatch):
+    """5.12: the torch download (minutes) does not freeze the GUI; its output shows in a progress dialog."""
+    machine = Machine(monkeypatch, {k: v for k, v in BASE.items() if k != "torch"}, packaging=True,
+                      pytorch_utils=True)
+    assert dependencies.ensure(["torch>=2.4"], machine.confirm) is True
+    (dialog,) = machine.dialogs
+    assert dialog.closed and "Successfully installed torch" in dialog.labelText
+    assert machine.events_processed >= len(machine.output) + 1 and machine.pending == []
 
 
 def test_decline_cancels_and_installs_nothing(monkeypatch):
@@ -134,23 +169,16 @@ def test_decline_cancels_and_installs_nothing(monkeypatch):
     assert len(machine.questions) == 1 and machine.calls == []
 
 
-def test_a_failed_light_the_torch_run_is_an_error(monkeypatch):
-    import subprocess
-
+def test_a_failed_light_the_torch_run_is_an_error_that_shows_its_output(monkeypatch):
     machine = Machine(monkeypatch, {}, packaging=True, pytorch_utils=True)
-
-    def failing(module, args):
-        raise subprocess.CalledProcessError(1, ["PythonSlicer", "-m", module])
-
-    monkeypatch.setattr(slicer.util, "executePythonModule", failing)
-    with pytest.raises(subprocess.CalledProcessError):
+    machine.exit_code, machine.output = 1, ["Collecting torch", "ERROR: No matching distribution found for torch"]
+    with pytest.raises(subprocess.CalledProcessError, match="(?s)exit status 1.*No matching distribution"):
         dependencies.ensure(["torch>=2.4"], machine.confirm)
+    assert machine.dialogs[0].closed
 
 
 def test_a_pip_failure_on_5_12_is_reported_as_already_shown(monkeypatch):
     """Issue 21 row 8: slicer.packaging (5.12) shows its error dialog, with pip's log, before raising."""
-    import subprocess
-
     machine = Machine(monkeypatch, BASE, packaging=True, pytorch_utils=False)
 
     def failing(requirements, **kwargs):

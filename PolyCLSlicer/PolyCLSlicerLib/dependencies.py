@@ -23,6 +23,7 @@ import importlib.util
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -55,6 +56,13 @@ SAM2 = {"sam2": "sam2==1.1.0"}
 
 class SlicerVersionError(ImportError):
     """The running Slicer is older than the module supports."""
+
+
+class ProcessFailed(subprocess.CalledProcessError):
+    """A PythonSlicer process failed; its message ends with the tail of the process's output."""
+
+    def __str__(self) -> str:
+        return f"{super().__str__()}\n{self.output or ''}".rstrip()
 
 
 class InstallFailedShown(RuntimeError):
@@ -185,9 +193,38 @@ def _install_torch(torch_reqs: list[str]) -> bool:
 
     if not _importable("light_the_torch"):
         _pip_install([LIGHT_THE_TORCH])
-    execute = getattr(slicer.util, "executePythonModule", None) or slicer.util._executePythonModule  # 5.12 / 5.10
-    execute("light_the_torch", ["install", *torch_reqs])
+    args = ["install", *torch_reqs]
+    execute = getattr(slicer.util, "executePythonModule", None)  # Slicer >= 5.11
+    if execute is None:  # 5.10: blocking, under a wait cursor (as PyTorch Utils runs it)
+        slicer.util._executePythonModule("light_the_torch", args)
+    else:
+        _run_with_progress(execute, "light_the_torch", args, "Installing PyTorch (light-the-torch)...")
     return True
+
+
+def _run_with_progress(execute: Callable, module: str, args: list[str], title: str) -> None:
+    """``PythonSlicer -m module args`` without blocking the GUI: its output in a progress dialog, the event
+    loop kept running (as ``slicer.packaging`` runs pip on 5.12); CalledProcessError with the output's tail."""
+    import slicer
+
+    dialog = slicer.util.createProgressDialog(windowTitle="PolyCL", labelText=title, maximum=0)
+    output: list[str] = []
+    ended: dict[str, int] = {}
+
+    def log(line: str) -> None:
+        output.append(line)
+        dialog.labelText = f"{title}\n{line[-120:]}"
+
+    try:
+        execute(module, args, blocking=False, logCallback=log,
+                completedCallback=lambda code: ended.setdefault("code", code))
+        while "code" not in ended:
+            slicer.app.processEvents()
+            time.sleep(0.01)
+    finally:
+        dialog.close()
+    if ended["code"] != 0:
+        raise ProcessFailed(ended["code"], ["PythonSlicer", "-m", module, *args], output="\n".join(output[-30:]))
 
 
 def _importable(name: str) -> bool:
