@@ -2,7 +2,8 @@
 
 - ``mrml``: volume / segmentation nodes <-> ``[i, j, k]`` arrays + IJK->RAS, terminology, .seg.nrrd I/O.
 - ``tasks``: a Task = a job of the compute worker + main-thread ``apply``; progress, cancel, polling.
-- ``worker_client``: starts and talks to the worker process (``python -m polycl.worker``).
+- ``worker_client``: starts and talks to the worker process (``polycl.worker``) and ends its whole process tree.
+- ``worker_main``: the worker's start script (run, never imported): the bundled ``polycl`` first on ``sys.path``.
 - ``dependencies``: versioned package checks, one-consent installation (main thread), minimum Slicer.
 - ``undo``: create-then-rollback of the Logic's ``apply`` steps.
 - ``sample_data``, ``selftest``: the Sample Data entry and the module's self-test steps.
