@@ -31,7 +31,9 @@ WHOLE_LIVER_ML = (500.0, 4000.0)  # adult livers, with margin; checked when both
 NOT_A_WHOLE_LIVER_ML = 150.0  # whole extent in view but less than this: no adult liver (newborns' are ~150 mL)
 MAX_LIVER_ML = 4000.0
 BODY_HU = -300.0
-CUT_BODY_SHARE = 0.05  # body on more than this share of the scan's left or right edge: the field of view cuts it
+# body on more than half of the scan's left or right edge: the field of view cuts through the body (measured:
+# whole CTs 0-0.37, arms and hips touching the edge; 150-250 mm fields of view 0.57-1.0 on at least one side)
+CUT_BODY_SHARE = 0.5
 
 
 @dataclass
