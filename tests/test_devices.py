@@ -167,7 +167,7 @@ def test_segmenter_forward_creates_tensors_on_model_device(name, args, default_d
 
 
 def test_augmentations_and_losses_create_tensors_on_data_device(default_device_meta):
-    from polycl.training.finetuning import augment_batch
+    from polycl.training.augment import augment_batch
     from polycl.training.pretraining.augment import pix2rep_views, simclr_views, valid_region, warp
     from polycl.training.pretraining.losses import nt_xent, pixel_nt_xent
 

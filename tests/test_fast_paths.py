@@ -18,7 +18,8 @@ from scipy import ndimage
 from polycl.devices import cpu_supports_bf16
 from polycl.inference import Segmenter
 from polycl.masks import keep_largest_component
-from polycl.training.finetuning import training_precision, warp_batch
+from polycl.training.augment import warp_batch
+from polycl.training.finetuning import training_precision
 from polycl.training.loop import run_epoch
 
 ROOT = Path(__file__).resolve().parents[1]

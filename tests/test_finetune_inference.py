@@ -145,7 +145,7 @@ def test_largest_component_and_device_resolution():
 def test_organ_contrast_augmentation_shifts_the_liver_and_not_its_neighbours():
     """Contrast phases change the liver's brightness, not the whole image's: with ``organ`` > 0 the
     liver-minus-surroundings contrast varies between samples; without it, gain and offset move both alike."""
-    from polycl.training.finetuning import augment_batch, organ_contrast
+    from polycl.training.augment import augment_batch, organ_contrast
 
     images = torch.full((64, 1, 64, 64), 0.5)
     masks = torch.zeros(64, 1, 64, 64)

@@ -69,3 +69,16 @@ def test_soft_dice_loss_values():
     perfect = torch.where(target > 0, 50.0, -50.0)
     assert soft_dice_loss(perfect, target).item() == pytest.approx(0.0, abs=1e-4)
     assert soft_dice_loss(-perfect, target).item() == pytest.approx(1 - 1 / 65, abs=1e-3)
+
+
+def test_pooled_soft_dice_loss_charges_a_liver_free_slice_its_false_pixels_only():
+    import torch
+
+    target = torch.zeros(2, 1, 8, 8)
+    target[0, :, 2:6, 2:6] = 1  # slice 1 is liver-free
+    logits = torch.where(target > 0, 50.0, -50.0)
+    logits[1, :, 0, 0] = 50.0  # one false pixel on the liver-free slice
+    per_slice = soft_dice_loss(logits, target).item()
+    pooled = soft_dice_loss(logits, target, pooled=True).item()
+    assert per_slice == pytest.approx((1 - 1 / 2) / 2, abs=1e-4)  # the empty slice's Dice drops to 1/2
+    assert pooled == pytest.approx(1 - 33 / 34, abs=1e-4)  # one pixel of 16 + 17

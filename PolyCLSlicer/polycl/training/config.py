@@ -27,6 +27,7 @@ class FinetuneConfig:
     device: str = "auto"
     slices: str = "all"  # "annotated": only slices with label foreground + empty_slices (polycl.sparse)
     empty_slices: list = field(default_factory=list)  # liver-free array slices k ([k, ...] or one list per scan)
+    dice_pooled: bool = False  # soft Dice pooled over the batch instead of per slice (``soft_dice_loss``)
     bce_weight: float = 0.0  # + weight x pixel BCE: per-slice soft Dice has almost no gradient on liver-free slices
     train_slices: list | None = None  # per scan, canonical slices (0 = most inferior) to train on; None: all.
     # Unlike cropping the volume, a 2.5D network still sees the kept slices' true neighbours.
@@ -38,4 +39,7 @@ class FinetuneConfig:
     # square of this many mm centred on the body -> the input (polycl.field_of_view); 0: the whole slice
     # resized (the papers); None: the init checkpoint's choice (whole slice without one)
     field_of_view_mm: float | None = None
+    # probability per training sample of a simulated small reconstruction field of view (``field_of_view_crop``:
+    # a 150-350 mm disc or square on the body, air and no label outside); needs field_of_view_mm
+    augment_fov_crop: float = 0.0
     precision: str = "auto"  # forward/backward: bf16 autocast where the device runs bf16 natively, else fp32

@@ -28,6 +28,7 @@ from ..nets.checkpoints import default_card, load_pretrained_init, read_checkpoi
 from ..nets.registry import build_model, check_input_size
 from ..nets.unet25d import card_fields, context_slices
 from ..progress import CancelFlag
+from .augment import augment_batch
 from .config import FinetuneConfig
 from .loop import (
     BatchCallback,
@@ -50,10 +51,13 @@ class FinetuneResult:
     best_epoch: int
 
 
-def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1.0) -> torch.Tensor:
-    """Per-slice soft Dice loss 1 - (2|P*Y| + 1) / (|P| + |Y| + 1), averaged over the batch."""
-    probability = torch.sigmoid(logits).flatten(1)
-    target = target.flatten(1).float()
+def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1.0, pooled: bool = False
+                   ) -> torch.Tensor:
+    """Per-slice soft Dice loss 1 - (2|P*Y| + 1) / (|P| + |Y| + 1), averaged over the batch; ``pooled``: one
+    soft Dice over all the batch's pixels (a liver-free slice then costs its false pixels, not a whole slice)."""
+    rows = 1 if pooled else len(logits)
+    probability = torch.sigmoid(logits).reshape(rows, -1)
+    target = target.reshape(rows, -1).float()
     intersection = (probability * target).sum(1)
     dice = (2 * intersection + smooth) / (probability.sum(1) + target.sum(1) + smooth)
     return (1 - dice).mean()
@@ -93,56 +97,6 @@ def split_scans(num_scans: int, val_fraction: float, seed: int) -> tuple[list[in
                          f"and train on {num_scans - val_count}; use at most 0.5")
     order = np.random.default_rng(seed).permutation(num_scans).tolist()
     return sorted(order[val_count:]), sorted(order[:val_count])
-
-
-def warp_batch(images: torch.Tensor, masks: torch.Tensor, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Apply each sample's 2x3 affine ``theta`` (output -> input, normalised coordinates) to its image and
-    mask: one ``affine_grid`` and one ``grid_sample`` for the whole batch, image channels and mask together
-    (bilinear, zeros outside); the mask is re-binarised at 0.5."""
-    channels = images.shape[1]
-    both = torch.cat([images, masks.to(images.dtype)], 1)
-    grid = F.affine_grid(theta, list(both.shape), align_corners=False)
-    both = F.grid_sample(both, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    return both[:, :channels], (both[:, channels:] > 0.5).to(masks.dtype)
-
-
-def organ_contrast(images: torch.Tensor, masks: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    """Add each sample's offset (window units) inside its organ mask, as a contrast phase changes the organ's
-    enhancement and not its neighbours'.  The mask is softened over 3 px (a 3x3 box filter) so the change
-    does not draw a step exactly on the label border; every input channel (2.5D neighbours) gets it."""
-    soft = F.avg_pool2d(masks.to(images.dtype), 3, stride=1, padding=1, count_include_pad=False)
-    return images + offsets[:, None, None, None] * soft
-
-
-def augment_batch(images: torch.Tensor, masks: torch.Tensor, generator: torch.Generator, intensity: float = 0.05,
-                  noise: float = 0.0, organ: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Random rotation (±15°), scale (0.85-1.15), shift (±8 %), gain (0.9-1.1), offset (±intensity in window
-    units; 0.05 = ±20 HU at W400), Gaussian noise of standard deviation up to ``noise`` and, with ``organ``
-    > 0, an offset of ±organ inside the label only (``organ_contrast``)."""
-    count = images.shape[0]
-
-    def uniform(low: float, high: float) -> torch.Tensor:
-        return low + (high - low) * torch.rand(count, generator=generator, device=generator.device)
-
-    angle = uniform(-math.pi / 12, math.pi / 12)
-    scale = uniform(0.85, 1.15)
-    theta = torch.zeros(count, 2, 3, device=generator.device)  # drawn on the generator's device: same per seed
-    theta[:, 0, 0] = torch.cos(angle) / scale
-    theta[:, 0, 1] = -torch.sin(angle) / scale
-    theta[:, 1, 0] = torch.sin(angle) / scale
-    theta[:, 1, 1] = torch.cos(angle) / scale
-    theta[:, :, 2] = torch.stack([uniform(-0.08, 0.08), uniform(-0.08, 0.08)], 1)
-    images, masks = warp_batch(images, masks, theta.to(images.device))
-    if organ > 0:
-        images = organ_contrast(images, masks, uniform(-organ, organ).to(images.device))
-    gain = uniform(0.9, 1.1).to(images.device)[:, None, None, None]
-    bias = uniform(-intensity, intensity).to(images.device)[:, None, None, None]
-    images = images * gain + bias
-    if noise > 0:
-        sigma = uniform(0.0, noise).to(images.device)[:, None, None, None]
-        draw = torch.randn(images.shape, generator=generator, device=generator.device)
-        images = images + sigma * draw.to(images.device)
-    return images.clamp(0, 1), masks
 
 
 def training_precision(requested: str, device: torch.device) -> str:
@@ -191,6 +145,8 @@ def finetune(pairs: list[tuple[Volume, Volume]], output: str | os.PathLike, conf
     config = replace(config, precision=training_precision(config.precision, device))  # recorded in the card
     model = place(build_model(config.architecture, **config.architecture_args), device)
     init_card = load_pretrained_init(model, init) if init is not None else None
+    if config.augment and config.augment_fov_crop and not config.field_of_view_mm:
+        raise ValueError("augment_fov_crop needs field_of_view_mm (a crop in millimetres of a physical input)")
     sparse, slice_card, repeats = config.slices == "annotated", {}, 1
     if sparse:
         from .sparse import repeats_per_epoch
@@ -224,12 +180,13 @@ def finetune(pairs: list[tuple[Volume, Volume]], output: str | os.PathLike, conf
             index = torch.from_numpy(index).to(device)
             images, masks = train.images[index], train.masks[index]
             yield (augment_batch(images, masks, generator, config.augment_intensity, config.augment_noise,
-                                 config.augment_organ_contrast) if config.augment else (images, masks))
+                                 config.augment_organ_contrast, config.augment_fov_crop, config.field_of_view_mm)
+                   if config.augment else (images, masks))
 
     def loss_fn(net: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         with autocast_context(device, config.precision):
             logits = net(batch[0]).float()  # the loss in float32
-        loss = soft_dice_loss(logits, batch[1])
+        loss = soft_dice_loss(logits, batch[1], pooled=config.dice_pooled)
         if config.bce_weight:
             loss = loss + config.bce_weight * F.binary_cross_entropy_with_logits(logits, batch[1])
         return loss
@@ -254,7 +211,8 @@ def finetune(pairs: list[tuple[Volume, Volume]], output: str | os.PathLike, conf
         polycl_version=__version__, **card_fields(model),
         **({"field_of_view_mm": config.field_of_view_mm} if config.field_of_view_mm else {}),
         recipe={**asdict(config), "optimizer": "Adam",
-                "loss": f"soft Dice + {config.bce_weight:g} x BCE" if config.bce_weight else "soft Dice",
+                "loss": ("batch-pooled " if config.dice_pooled else "") + (
+                    f"soft Dice + {config.bce_weight:g} x BCE" if config.bce_weight else "soft Dice"),
                 "scheduler": f"CosineAnnealingWarmRestarts(T_0={config.restart_epochs} epochs, per batch)",
                 "init": str(init) if init else "random",
                 "init_method": (init_card or {}).get("recipe", {}).get("method"), **(recipe_notes or {})},
