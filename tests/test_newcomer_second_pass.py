@@ -131,3 +131,28 @@ def test_readme_outputs_are_git_ignored():
     for name in ("liver.seg.nrrd", "liver.nii.gz", "liver.dcm", "liver.png", "mine.safetensors"):
         assert any(re.fullmatch(pattern.strip("/").replace(".", r"\.").replace("*", ".*"), name)
                    for pattern in ignored.splitlines() if pattern.startswith("/*")), name
+
+
+def test_overlay_shows_each_slice_once_and_no_coronal_strip_on_a_thin_volume():
+    from polycl.io.overlay import overlay_panels
+
+    matrix = np.diag([0.8, 0.8, 1.0, 1.0])  # 3 slices of 1 mm under a 400 mm wide slice: a thin slab
+    ct = np.random.default_rng(0).integers(-1000, 400, (500, 500, 3)).astype(np.int16)
+    mask = np.zeros(ct.shape, np.uint8)
+    mask[100:200, 100:200, 1] = 1  # a liver on one slice
+    panels = overlay_panels(ct, mask, matrix)
+    assert [p.title for p in panels] == ["axial 2/3"]
+    thick = np.random.default_rng(0).integers(-1000, 400, (100, 100, 60)).astype(np.int16)
+    liver = np.zeros(thick.shape, np.uint8)
+    liver[20:60, 20:60, 10:50] = 1
+    titles = [p.title for p in overlay_panels(thick, liver, np.diag([3.0, 3.0, 3.0, 1.0]))]
+    assert len(titles) == 4 and titles[-1].startswith("coronal") and len(set(titles)) == 4
+
+
+def test_the_card_of_sparse_finetuning_names_its_held_out_painted_slices():
+    from polycl.nets.model_card import split_text
+
+    assert split_text({"scans": ["a"], "train_scans": [0], "val_scans": [], "val_slices": 1}) == \
+        "1 held-out painted slice(s) for validation"
+    assert split_text({"scans": ["a", "b"], "train_scans": [0], "val_scans": [1], "val_slices": 5}) == \
+        "1 training, 1 validation"

@@ -19,6 +19,7 @@ from ..geometry import CanonicalOrientation, voxel_spacing
 from .base import atomic_write
 
 AXIAL_FRACTIONS = (0.25, 0.5, 0.75)  # positions within the liver's superior-inferior extent
+MIN_CORONAL_EXTENT = 0.2  # a coronal panel needs a superior-inferior extent of this share of its width
 OUTLINE_COLOR = "#ff5a1f"
 
 
@@ -39,11 +40,13 @@ def _axial_indices(liver_slices: np.ndarray, count: int) -> list[int]:
         first, last = int(liver_slices.min()), int(liver_slices.max())
     else:
         first, last = 0, count - 1
-    return [int(round(first + fraction * (last - first))) for fraction in AXIAL_FRACTIONS]
+    indices = [int(round(first + fraction * (last - first))) for fraction in AXIAL_FRACTIONS]
+    return sorted(set(indices))  # a liver on one or two slices: each slice once
 
 
 def overlay_panels(ct: np.ndarray, mask: np.ndarray, ijk_to_ras: np.ndarray) -> list[Panel]:
-    """Three axial panels (inferior to superior) and one coronal panel through the liver's centre."""
+    """Up to three axial panels (inferior to superior, each slice once) and one coronal panel through the
+    liver's centre, left out when the volume is too thin for one (a few slices)."""
     from ..preprocessing import window
 
     orientation = CanonicalOrientation.from_matrix(ijk_to_ras)
@@ -54,6 +57,8 @@ def overlay_panels(ct: np.ndarray, mask: np.ndarray, ijk_to_ras: np.ndarray) -> 
     for index in _axial_indices(np.flatnonzero(liver.any(axis=(1, 2))), hu.shape[0]):
         panels.append(Panel(f"axial {index + 1}/{hu.shape[0]}", window(hu[index]), liver[index],
                             p_mm / l_mm, ("A", "P", "R", "L")))
+    if hu.shape[0] * s_mm < MIN_CORONAL_EXTENT * hu.shape[2] * l_mm:
+        return panels  # a few slices: a coronal view would be an unreadable strip
     rows = np.flatnonzero(liver.any(axis=(0, 2)))
     row = int(round(rows.mean())) if rows.size else hu.shape[1] // 2
     panels.append(Panel(f"coronal {row + 1}/{hu.shape[1]}", window(hu[::-1, row, :]), liver[::-1, row, :],

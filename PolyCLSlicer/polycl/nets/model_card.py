@@ -64,6 +64,15 @@ def input_geometry(card: dict) -> str:
     return f"axial slices resized to {size} px (mm per pixel follows each scan's field of view)"
 
 
+def split_text(data: dict) -> str:
+    """'2 training, 1 validation' scans, or the held-out painted slices of sparse finetuning (no scan held out)."""
+    scans = data.get("scans", [])
+    held_scans, held_slices = len(data.get("val_scans", [])), int(data.get("val_slices", 0))
+    if not held_scans and held_slices:
+        return f"{held_slices} held-out painted slice(s) for validation"
+    return f"{len(data.get('train_scans', scans))} training, {held_scans} validation"
+
+
 def describe_card(card: dict, path: str | Path, parameters: int) -> str:
     """Human-readable summary of a validated model card."""
     recipe, data = card.get("recipe", {}), card.get("data", {})
@@ -83,8 +92,7 @@ def describe_card(card: dict, path: str | Path, parameters: int) -> str:
         lines.append(f"  intended use: {card['intended_use']}")
     if data:
         scans = data.get("scans", [])
-        lines.append(f"  training data: {len(scans)} scan(s), {data.get('slices', '?')} slices"
-                     f" ({len(data.get('train_scans', scans))} training, {len(data.get('val_scans', []))} validation)")
+        lines.append(f"  training data: {len(scans)} scan(s), {data.get('slices', '?')} slices ({split_text(data)})")
         if data.get("description"):
             lines.append(f"    {data['description']}")
     if recipe:

@@ -218,7 +218,8 @@ def finetune(pairs: list[tuple[Volume, Volume]], output: str | os.PathLike, conf
                 "init_method": (init_card or {}).get("recipe", {}).get("method"), **(recipe_notes or {})},
         data={"scans": [ct.source or f"scan {i}" for i, (ct, _) in enumerate(pairs)],
               "train_scans": train_scans, "val_scans": val_scans,
-              "slices": int(len(train.images) + len(val.images)), **slice_card, **(data_description or {})},
+              "slices": int(len(train.images) + len(val.images)), "val_slices": int(len(val.images)),
+              **slice_card, **(data_description or {})},
         metrics={"best_epoch": best["epoch"], **{k: round(v, 5) for k, v in best["metrics"].items()}},
     )
     path = save_model(output, model.cpu(), card, overwrite=True)
