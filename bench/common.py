@@ -18,6 +18,13 @@ from polycl.devices import cpu_supports_bf16  # noqa: E402
 from polycl.nets.unet import InstanceNorm2d  # noqa: E402
 
 CASES = ("totalseg_sm", "totalseg_dcm", "dcmqi_3slice")
+EXTRA_CASES = ("chaos_ctset3", "totalsegds_s0009")  # labeled-extra/: whole liver; small field of view, partial liver
+
+
+def labelled_files(data: Path, case: str) -> tuple[Path, Path]:
+    """(CT, liver mask) of a labelled case: ``labeled/`` or, for EXTRA_CASES, ``labeled-extra/``."""
+    folder = data / ("labeled-extra" if case in EXTRA_CASES else "labeled")
+    return folder / f"{case}_ct.nii.gz", folder / f"{case}_liver.nii.gz"
 
 
 def machine() -> str:

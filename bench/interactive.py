@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import CASES, data_root, machine
+from common import CASES, EXTRA_CASES, data_root, labelled_files, machine
 from finetune_sparse import evenly_spaced, painted_copy
 
 from polycl.geometry import axial_axis
@@ -65,7 +65,7 @@ def simulate(ct: Volume, reference: np.ndarray, k: int, strategy: str, init: Pat
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data")
-    parser.add_argument("--cases", nargs="+", default=list(CASES))
+    parser.add_argument("--cases", nargs="+", default=[*CASES, *EXTRA_CASES])
     parser.add_argument("--ks", type=int, nargs="+", default=[1, 2, 3, 5])
     parser.add_argument("--init-dir", type=Path)
     parser.add_argument("--shift-hu", type=float, default=0.0)
@@ -74,11 +74,13 @@ def main() -> int:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(machine())
-    labeled, folder = data_root(args.data) / "labeled", Path(tempfile.mkdtemp(prefix="polycl-interactive-"))
+    data, folder = data_root(args.data), Path(tempfile.mkdtemp(prefix="polycl-interactive-"))
     rows = ["| case | init | k | strategy | painted slices | 3D Dice | HD95 mm | wall s |", "|---" * 8 + "|"]
+    dice_by_run: dict[tuple[int, str], list[float]] = {}
     for case in args.cases:
-        ct = read_volume(labeled / f"{case}_ct.nii.gz")
-        reference = read_mask(labeled / f"{case}_liver.nii.gz", ct).array
+        ct_file, mask_file = labelled_files(data, case)
+        ct = read_volume(ct_file)
+        reference = read_mask(mask_file, ct).array
         if args.shift_hu:
             ct = Volume(ct.array.astype(np.float32) + args.shift_hu, ct.ijk_to_ras, ct.source)
         own = args.init_dir / f"without_{case}.safetensors" if args.init_dir else None
@@ -90,9 +92,12 @@ def main() -> int:
         for k in args.ks:
             for strategy in ("suggest", "even"):
                 metrics, seconds, painted = simulate(ct, reference, k, strategy, init, args.epochs, folder)
+                dice_by_run.setdefault((k, strategy), []).append(metrics["dice"])
                 rows.append(f"| {case} | {init.name} | {k} | {strategy} | {painted} | {metrics['dice']:.3f} | "
                             f"{metrics['hd95_mm']:.1f} | {seconds:.0f} |")
                 print(rows[-1], flush=True)
+    for (k, strategy), values in sorted(dice_by_run.items()):
+        rows.append(f"| mean of {len(values)} | | {k} | {strategy} | | {np.mean(values):.3f} | | |")
     print(f"\nshift {args.shift_hu:+g} HU, {args.epochs} epochs per finetune; {machine()}")
     print("\n".join(rows))
     return 0

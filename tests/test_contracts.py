@@ -259,7 +259,7 @@ def test_suggestions_keep_their_spacing_from_painted_slices():
 
     scores = np.array([0.0, 0.9, 0.85, 0.8, 0.1, 0.1, 0.7, 0.1, 0.1, 0.6, 0.0])
     assert spread_ranking(scores, 2, excluded=[1], gap=3) == [6, 9]
-    assert spread_ranking(scores, 1, excluded=[1]) == [3]  # automatic gap: 9 slices // (2 x 2) = 2
+    assert spread_ranking(scores, 1, excluded=[1]) == [6]  # automatic gap: 9 slices // (1 + 1 + 1) = 3
 
 
 def test_a_slice_score_is_normalised_by_a_typical_liver_area_not_its_own():

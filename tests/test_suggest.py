@@ -97,3 +97,21 @@ def test_spread_ranking_spacing_exclusion_and_order():
     ranked = spread_ranking(scores, 6, excluded=[1], gap=3)  # too few far apart: spacing relaxes, still ranked
     assert 1 not in ranked and 0 not in ranked and 7 not in ranked and len(ranked) == 5
     assert [scores[k] for k in ranked] == sorted((scores[k] for k in ranked), reverse=True)
+
+
+def test_suggestions_stay_inside_the_liver_and_off_the_volume_ends():
+    """Issue 22: on a 20-slice CT the ranking gave slices 0, 1, 2 (the volume's end, a sliver of liver)."""
+    from polycl.geometry import CanonicalOrientation
+    from polycl.suggest import inner_liver_scores, spread_ranking
+
+    orientation = CanonicalOrientation.from_matrix(np.diag([1.0, 1.0, 2.0, 1.0]))  # k = axial, inferior first
+    scores = np.zeros(20)
+    scores[0:18] = np.linspace(1.0, 0.1, 18)  # the model is least sure at the inferior end of the volume
+    inner = inner_liver_scores(scores, orientation, (8, 8, 20))
+    assert inner[0] == 0 and inner[1] == 0 and inner[17] == 0 and inner[5] == scores[5]  # ends and the outer 10 %
+    chosen = spread_ranking(inner, 3, excluded=[3, 10, 16])
+    assert chosen and min(chosen) >= 2 and all(abs(a - b) >= 2 for a in chosen for b in [*chosen, 3, 10, 16]
+                                                if a != b)
+    flipped = inner_liver_scores(scores[::-1], CanonicalOrientation.from_matrix(np.diag([1.0, 1.0, -2.0, 1.0])),
+                                 (8, 8, 20))
+    np.testing.assert_array_equal(flipped, inner[::-1])  # by anatomy, not by array order

@@ -8,8 +8,10 @@ perturbed predictions disagree or stay undecided, i.e. where a painted slice tea
 TTA needs only the segmentation network (4 passes at its own input size: seconds on a CPU); SAM
 disagreement would need an image encoder per slice (about 2 s each for LiteMedSAM on 2 CPU cores).
 
-Suggestions are spread along the liver: a slice closer than ``gap`` slices to a better-ranked or an
-annotated slice is skipped while others remain.  Every index is ``k`` along the input array's axial
+Suggestions lie inside the liver (not on the volume's first or last slice, nor in the outer tenth of the
+liver's extent at either end) and are spread along it: a slice closer than ``gap`` slices (the extent over
+the number of painted and suggested slices + 1) to a better-ranked or an annotated slice is skipped while
+others remain.  Every index is ``k`` along the input array's axial
 axis (the slice number 3D Slicer shows), whatever the array's axis order or direction.
 """
 
@@ -117,13 +119,33 @@ def spread_ranking(scores: np.ndarray, count: int, excluded: Sequence[int] = (),
     if gap is None:
         liver = np.flatnonzero(scores > 0)
         extent = int(liver[-1] - liver[0] + 1) if liver.size else 0
-        gap = max(1, extent // (2 * (count + len(excluded))) if count else 1)
+        gap = max(1, extent // (count + len(excluded) + 1) if count else 1)  # evenly spread at best
     chosen: list[int] = []
     for spacing in (gap, 1):
         for k in candidates:
             if len(chosen) < count and k not in chosen and all(abs(k - o) >= spacing for o in [*chosen, *excluded]):
                 chosen.append(k)
     return sorted(chosen, key=lambda k: -scores[k])
+
+
+EDGE_SHARE = 0.1  # the outer share of the liver's extent (tip, dome) that is not suggested
+
+
+def inner_liver_scores(scores: np.ndarray, orientation: CanonicalOrientation, shape: Sequence[int]) -> np.ndarray:
+    """``scores`` (array order) with the volume's first and last slice and the outer EDGE_SHARE of the liver's
+    axial extent at each end set to 0: a slice where the scan or the liver ends holds a sliver whose painting
+    teaches little; a radiologist paints inside the liver."""
+    canonical = np.array([scores[k] for k in sorted(range(len(scores)),
+                                                    key=lambda k: canonical_index(orientation, shape, k))])
+    liver = np.flatnonzero(canonical > 0)
+    if liver.size == 0:
+        return scores
+    margin = int(round(EDGE_SHARE * (liver[-1] - liver[0] + 1)))
+    keep = np.zeros(len(canonical), bool)
+    keep[max(liver[0] + margin, 1):min(liver[-1] - margin, len(canonical) - 2) + 1] = True
+    if not (keep & (canonical > 0)).any():  # a liver on a few slices: keep them all
+        return scores
+    return np.array([scores[k] if keep[canonical_index(orientation, shape, k)] else 0.0 for k in range(len(scores))])
 
 
 def suggest_slices(segmenter: Segmenter, array: np.ndarray, ijk_to_ras: np.ndarray, count: int = 3,
@@ -144,7 +166,7 @@ def suggest_slices(segmenter: Segmenter, array: np.ndarray, ijk_to_ras: np.ndarr
     canonical_scores = slice_scores(probability)
     scores = np.array([canonical_scores[canonical_index(orientation, shape, k)]
                        for k in range(shape[orientation.slice_axis])])
-    slices = spread_ranking(scores, count, annotated)
     liver = [k for k in range(len(scores)) if probability[canonical_index(orientation, shape, k)].max() > 0.5]
+    slices = spread_ranking(inner_liver_scores(scores, orientation, shape), count, annotated)
     return Suggestion(slices, [float(scores[k]) for k in slices], scores, orientation.slice_axis,
                       [liver[0], liver[-1]] if liver else None)
