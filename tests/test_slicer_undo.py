@@ -107,6 +107,39 @@ def test_failure_in_an_empty_labelmap_segmentation_restores_its_geometry(scene, 
     assert node.GetSegmentation().GetConversionParameter(parameter) == "" and node.GetNodeReferenceID(role) is None
 
 
+def test_rollback_removes_every_segment_the_block_added(scene, volume):
+    """Issue 26: a block that added two segments must lose both (bug: only the last one added was removed)."""
+    node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "two")
+    node.CreateDefaultDisplayNodes()
+    node.SetReferenceImageGeometryParameterFromVolumeNode(volume)
+    kept = node.GetSegmentation().AddEmptySegment("", "Kept")
+    before = state(node, volume)
+    with pytest.raises(RuntimeError, match="failed"):
+        with undo.undo_on_error(scene, node):
+            node.GetSegmentation().AddEmptySegment("", "Liver")
+            node.GetSegmentation().AddEmptySegment("", "Liver annotation")
+            raise RuntimeError("failed after two segments")
+    assert [node.GetSegmentation().GetNthSegmentID(i)
+            for i in range(node.GetSegmentation().GetNumberOfSegments())] == [kept]
+    assert state(node, volume) == before
+
+
+def test_ctrl_c_inside_the_block_rolls_the_scene_back(scene, volume):
+    """Issue 26: a KeyboardInterrupt (Ctrl-C, a console interrupt) is not an Exception; the rollback must still
+    run (bug: ``except Exception``)."""
+    node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "target")
+    node.CreateDefaultDisplayNodes()
+    nodes_before = undo.node_ids(scene)
+    with pytest.raises(KeyboardInterrupt):
+        with undo.undo_on_error(scene, node):
+            mrml.new_segmentation_node(volume)
+            node.GetSegmentation().AddEmptySegment("", "Liver")
+            node.SetAttribute("PolyCL.Review", "{}")
+            raise KeyboardInterrupt
+    assert undo.node_ids(scene) == nodes_before
+    assert node.GetSegmentation().GetNumberOfSegments() == 0 and node.GetAttribute("PolyCL.Review") is None
+
+
 def test_success_keeps_everything(scene, volume):
     node = mrml.new_segmentation_node(volume)
     with undo.undo_on_error(scene, node, changes_existing_segments=True):
