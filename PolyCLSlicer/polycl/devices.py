@@ -15,6 +15,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .threads import apply_to_torch
+
+apply_to_torch()  # the process's thread decision (polycl.threads), also when made before torch's import
+
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 

@@ -35,6 +35,7 @@ from typing import IO, Any
 import numpy as np
 
 from .progress import Cancelled
+from .threads import configure_threads
 
 TASKS = ("segment", "refine", "propagate", "finetune", "suggest")
 
@@ -347,13 +348,11 @@ HANDLERS: dict[str, Callable[[Worker, Job, Callable], tuple[dict, dict]]] = {
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m polycl.worker", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: the CPUs this process may use, polycl.threads)")
     args = parser.parse_args(argv)
+    configure_threads(args.threads)  # before torch is imported: affinity and cgroup quota, not the core count
     events = EventWriter(claim_stdout())
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
     return Worker(events, sys.stdin).serve()
 
 

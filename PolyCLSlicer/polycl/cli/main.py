@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..threads import configure_threads
 from .common import (
     EXIT_ERROR,
     ArgumentParser,
@@ -236,6 +237,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = ArgumentParser(prog="polycl", description="PolyCL liver segmentation in CT.")
     parser.add_argument("--version", action="version", version=f"polycl {__version__}")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads (default: $POLYCL_THREADS, else the CPUs this process may use: its "
+                             "affinity and cgroup quota, not the machine's core count)")
     subparsers = parser.add_subparsers(dest="command", required=True)
     _add_segment(subparsers)
     add_finetune_command(subparsers)
@@ -280,6 +284,11 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
     args.argv = argv
+    try:
+        configure_threads(args.threads)
+    except ValueError as error:
+        print(f"polycl: error: {error}", file=sys.stderr)
+        return EXIT_ERROR
     previous_format = warnings.formatwarning
     warnings.formatwarning = lambda message, category, *rest: f"polycl: warning: {message}\n"
     try:
