@@ -4,8 +4,10 @@ Run:  nice -n 10 .venv/bin/python bench/starter_loo.py --pseudo /tmp/pseudo [--r
 
 For each labelled case: ``bench/train_starter.py --exclude CASE`` (the recipe of the bundled starter,
 without that case and without any other scan of the same patient), then segment the held-out case
-and report 3D Dice, HD and HD95 (mm) against its mask.  ``--recipe labelled`` is the previous
-starter's data (the three labelled cases only).  ``--jobs`` trains the folds in parallel processes.
+and report 3D Dice, HD and HD95 (mm), missed (FN) and false (FP) voxels in % of the reference against its
+mask.  ``--cases`` also takes the ``labeled-extra/`` cases (train with ``--extra-cases`` to use the others).
+``--recipe labelled`` is the previous starter's data (the three labelled cases only).  ``--jobs`` trains
+the folds in parallel processes.
 ``--init-folds`` chains stages: each fold starts from the earlier stage's fold of the same held-out case,
 so a warm-started recipe stays leave-one-case-out; ``--resume`` keeps the folds an interrupted run
 finished.  Other options go to ``train_starter.py``, e.g. ``--architecture transunet`` for the TransUNet row.
@@ -21,8 +23,10 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import CASES, ROOT, data_root, machine  # noqa: E402  (also puts polycl on sys.path)
+from common import CASES, EXTRA_CASES, ROOT, data_root, labelled_files, machine  # noqa: E402  (polycl on sys.path)
 
 from polycl.inference import Segmenter  # noqa: E402
 from polycl.io.volumes import read_mask, read_volume  # noqa: E402
@@ -73,8 +77,8 @@ def main() -> int:
     parser.add_argument("--recipe", default="pseudo", choices=["labelled", "negatives", "pseudo"])
     parser.add_argument("--pseudo", type=Path, help="bench/pseudo_labels.py output (recipe pseudo)")
     parser.add_argument("--jobs", type=int, default=1)
-    parser.add_argument("--cases", nargs="+", choices=CASES, default=list(CASES),
-                        help="held-out cases to run (default: all three folds)")
+    parser.add_argument("--cases", nargs="+", choices=CASES + EXTRA_CASES, default=list(CASES),
+                        help="held-out cases to run (default: the three folds of labeled/)")
     parser.add_argument("--resume", action="store_true",
                         help="keep folds already trained into --out (an interrupted run) instead of retraining them")
     parser.add_argument("--init-folds", type=Path,
@@ -82,28 +86,35 @@ def main() -> int:
                              "previous stage's fold that never saw CASE)")
     parser.add_argument("--out", type=Path, default=Path(tempfile.mkdtemp(prefix="polycl-loo-")))
     args, extra = parser.parse_known_args()  # anything else goes to bench/train_starter.py
-    labeled = data_root(args.data) / "labeled"
+    data = data_root(args.data)
     args.out.mkdir(parents=True, exist_ok=True)
     print(machine(), f"\nfolds in {args.out}", flush=True)
     minutes = train_folds(args, extra)
     rows = []
     for held_out in args.cases:
-        ct = read_volume(labeled / f"{held_out}_ct.nii.gz")
-        reference = read_mask(labeled / f"{held_out}_liver.nii.gz", ct)
+        ct_file, mask_file = labelled_files(data, held_out)
+        ct = read_volume(ct_file)
+        reference = read_mask(mask_file, ct)
         checkpoint = args.out / f"without_{held_out}.safetensors"
         segmenter = Segmenter.from_checkpoint(checkpoint, device="cpu")
         mask = segmenter.segment(ct.array, ct.ijk_to_ras).mask
         metrics = evaluate(mask, reference.array, ct.ijk_to_ras)
+        predicted, liver = mask > 0, reference.array > 0
+        metrics["fn_pct"] = 100.0 * int((liver & ~predicted).sum()) / max(int(liver.sum()), 1)
+        metrics["fp_pct"] = 100.0 * int((predicted & ~liver).sum()) / max(int(liver.sum()), 1)
         rows.append({"held_out": held_out, "recipe": args.recipe, "architecture": segmenter.card["architecture"],
                      "train_minutes": minutes[held_out], **metrics})
         print(json.dumps(rows[-1]), flush=True)
-    print("\n| held-out case | recipe | backbone | 3D Dice | HD95 mm | HD mm | train min |")
-    print("|---|---|---|---|---|---|---|")
+    print("\n| held-out case | recipe | backbone | 3D Dice | HD95 mm | HD mm | FN % | FP % | train min |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for row in rows:
         print(f"| {row['held_out']} | {row['recipe']} | {row['architecture']} | {row['dice']:.3f} | "
-              f"{row['hd95_mm']:.1f} | {row['hd_mm']:.1f} | {row['train_minutes']} |")
-    mean = sum(r["dice"] for r in rows) / len(rows)
-    print(f"\nmean leave-one-case-out 3D Dice: {mean:.3f}")
+              f"{row['hd95_mm']:.1f} | {row['hd_mm']:.1f} | {row['fn_pct']:.1f} | {row['fp_pct']:.1f} | "
+              f"{row['train_minutes']} |")
+    mean = {key: float(np.mean([r[key] for r in rows])) for key in ("dice", "hd95_mm", "hd_mm", "fn_pct", "fp_pct")}
+    print(f"| mean of {len(rows)} | | | {mean['dice']:.3f} | {mean['hd95_mm']:.1f} | {mean['hd_mm']:.1f} | "
+          f"{mean['fn_pct']:.1f} | {mean['fp_pct']:.1f} | |")
+    print(f"\nmean leave-one-case-out 3D Dice: {mean['dice']:.3f}")
     return 0
 
 

@@ -348,8 +348,11 @@ def test_info_is_a_model_card_for_people_with_training_set_dice_labelled(capsys,
     header = text.index("training-set fit (scans the model was trained on; not a measure of accuracy on new scans)")
     between = text[header:text.index("training_set_dice_3d")]
     assert "validation (" not in between and "held-out (" not in between and "other:" not in between
-    # the bundled starter carries its recipe's leave-one-case-out figures, labelled as such (not as held-out)
-    assert "leave-one-case-out of the recipe" in text and "held-out (" not in text
+    # the bundled starter carries its recipe's leave-one-case-out figures, labelled as such (not as held-out), and
+    # its one score on the unseen expert-labelled CT, labelled held-out
+    assert "leave-one-case-out of the recipe" in text
+    held_out = text[text.index("held-out ("):text.index("leave-one-case-out of the recipe")]
+    assert "held_out_expert_ct: case ircad01" in held_out and "leave_one_case_out" not in held_out
     assert "leave_one_case_out: held_out totalseg_sm, dice 0." in text and "no held-out figures" not in text
     card = default_card("polycl_unet", SMALL, 32, metrics={"training_set_dice_3d": {"a": 0.98}})
     path = save_model(tmp_path / "fit.safetensors", build_model("polycl_unet", **SMALL), card)

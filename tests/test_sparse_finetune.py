@@ -76,10 +76,10 @@ def spy_training(monkeypatch) -> list[tuple[torch.Tensor, torch.Tensor]]:
                                         else None)
         return model
 
-    def loss_spied(logits, target, *args):
+    def loss_spied(logits, target, *args, **kwargs):
         if torch.is_grad_enabled():  # training batches; validation runs under no_grad
             seen.append((inputs[-1], target.detach().clone()))
-        return loss(logits, target, *args)
+        return loss(logits, target, *args, **kwargs)
 
     monkeypatch.setattr(finetuning, "build_model", build_spied)
     monkeypatch.setattr(finetuning, "soft_dice_loss", loss_spied)
@@ -215,10 +215,10 @@ def test_automatic_choice_of_sparse_mode():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("shift_hu, floor", [(250.0, 0.85), (0.0, 0.95)])
+@pytest.mark.parametrize("shift_hu, floor", [(250.0, 0.85), (0.0, 0.9)])  # starter v4 as is: 0.922
 def test_three_painted_slices_fix_the_starter_where_it_fails_and_keep_it_where_it_works(
         labeled_case, tmp_path, shift_hu, floor):
-    """totalseg_sm with +250 HU (a contrast shift the starter never saw: Dice ~0.68) and as is (~0.97):
+    """totalseg_sm with +250 HU (a contrast shift the starter never saw) and as is (~0.92 with version 4):
     painting 3 slices must lift the other slices above ``floor`` and never lose more than 0.02."""
     from polycl.inference import Segmenter
     from polycl.metrics import dice
