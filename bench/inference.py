@@ -55,7 +55,7 @@ def run_cli(argv: list[str], package: Path = ROOT / "PolyCLSlicer") -> tuple[flo
 def run_cli_detailed(argv: list[str], package: Path = ROOT / "PolyCLSlicer") -> tuple[float, float, float, dict]:
     """Wall seconds, peak RSS (MiB), CPU seconds (user + system, all threads) and the ``--json`` step laps."""
     started = time.perf_counter()
-    process = subprocess.Popen([sys.executable, "-m", "polycl.cli.main", *argv], stdout=subprocess.PIPE,
+    process = subprocess.Popen([sys.executable, "-m", "polycl.cli", *argv], stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(package)})
     output = process.stdout.read()
     _, status, usage = os.wait4(process.pid, 0)
