@@ -352,6 +352,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="torch CPU threads (default: the CPUs this process may use, polycl.threads)")
     args = parser.parse_args(argv)
     configure_threads(args.threads)  # before torch is imported: affinity and cgroup quota, not the core count
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # idle OpenMP threads sleep: no collapse beside other work
     events = EventWriter(claim_stdout())
     return Worker(events, sys.stdin).serve()
 
