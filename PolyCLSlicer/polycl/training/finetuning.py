@@ -71,7 +71,7 @@ def resolve_config(config: FinetuneConfig, init: str | os.PathLike | None = None
     """
     card = read_checkpoint(init)[1] if init is not None else {}
     architecture = config.architecture or card.get("architecture", "polycl_unet")
-    widening = (card.get("architecture"), architecture) == ("polycl_unet", "polycl_unet25d")  # see context.py
+    widening = (card.get("architecture"), architecture) == ("polycl_unet", "polycl_unet25d")  # see nets/unet25d.py
     args = dict(card.get("architecture_args", {})) if architecture == card.get("architecture") or widening else {}
     size = check_input_size(int(card.get("input_size", 256)) if config.input_size is None else config.input_size)
     notes = []
