@@ -26,8 +26,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ROOT, data_root, machine  # noqa: E402  (also puts polycl on sys.path)
+from train_starter import canonical_volume  # noqa: E402
 
-from polycl.geometry import CanonicalOrientation, voxel_spacing  # noqa: E402
+from polycl.geometry import voxel_spacing  # noqa: E402
 from polycl.inference import Segmenter  # noqa: E402
 from polycl.io import Volume, read_mask, read_volume  # noqa: E402
 from polycl.metrics import dice  # noqa: E402
@@ -39,12 +40,6 @@ UNLABELLED = {"totalseg_full": "totalseg_full_ct.nii.gz", "totalseg_aorta_cta": 
               "pyradiomics_lung1": "pyradiomics_lung1_ct.nrrd", "pyradiomics_lung2": "pyradiomics_lung2_ct.nrrd",
               "ircad01": "ircad01_ct.nii.gz"}
 FIELDS_MM = (150, 200, 250)
-
-
-def canonical(volume: Volume) -> Volume:
-    orientation = CanonicalOrientation.from_matrix(volume.ijk_to_ras)
-    return Volume(np.ascontiguousarray(orientation.to_canonical(volume.array)),
-                  orientation.canonical_matrix(volume.ijk_to_ras, volume.array.shape), volume.source)
 
 
 def crop(volume: Volume, slices: slice = slice(None), rows: slice = slice(None),
@@ -89,7 +84,7 @@ def row(segmenter: Segmenter, name: str, ct: Volume, reference: Volume | None, e
 def liver_free_rows(segmenter: Segmenter, data: Path, flags: dict) -> list[dict]:
     rows = []
     for case, file in UNLABELLED.items():
-        ct = canonical(read_volume(data / "unlabeled" / file))
+        ct = canonical_volume(read_volume(data / "unlabeled" / file))
         for first, last in flags[case]["absent"]:
             if last - first >= 4:
                 rows.append(row(segmenter, f"{case} slices {first}-{last}", crop(ct, slice(first, last + 1)), None,
@@ -110,9 +105,9 @@ def liver_free_rows(segmenter: Segmenter, data: Path, flags: dict) -> list[dict]
 def labelled(data: Path, case: str, folder: str | None) -> tuple[Volume, Volume]:
     if folder is None:  # ircad01: CT in unlabeled/, its expert mask in validation/ (evaluation only)
         ct = read_volume(data / "unlabeled" / f"{case}_ct.nii.gz")
-        return canonical(ct), canonical(read_mask(data / "validation" / f"{case}_liver.nii.gz", ct))
+        return canonical_volume(ct), canonical_volume(read_mask(data / "validation" / f"{case}_liver.nii.gz", ct))
     ct = read_volume(data / folder / f"{case}_ct.nii.gz")
-    return canonical(ct), canonical(read_mask(data / folder / f"{case}_liver.nii.gz", ct))
+    return canonical_volume(ct), canonical_volume(read_mask(data / folder / f"{case}_liver.nii.gz", ct))
 
 
 def liver_rows(segmenter: Segmenter, data: Path) -> list[dict]:

@@ -12,7 +12,7 @@ import torch
 
 from conftest import oblique_matrix
 from polycl.geometry import CanonicalOrientation
-from polycl.inference import encode_probability, mean_decoded
+from polycl.inference import encode_probability, mean_probability
 from polycl.presence import IMPLAUSIBLE, MIN_LIVER_ML, NONE, assess_liver, lateral_position
 
 
@@ -124,9 +124,9 @@ def test_confidence_code_is_the_mask_exactly_and_the_mean_within_a_step():
         assert codes.dtype == np.uint8
         np.testing.assert_array_equal(codes >= 128, (probability > threshold).numpy())
         mask = (probability > threshold).numpy()
-        assert mean_decoded(codes, mask, threshold) == pytest.approx(float(probability.numpy()[mask].mean()),
+        assert mean_probability(codes, mask, threshold) == pytest.approx(float(probability.numpy()[mask].mean()),
                                                                      abs=(1 - threshold) / 128)
-    assert mean_decoded(codes, np.zeros_like(mask), 0.3) == 0.0
+    assert mean_probability(codes, np.zeros_like(mask), 0.3) == 0.0
 
 
 # ------------------------------------------------------------------------------------------ real CT

@@ -127,10 +127,11 @@ class Segmenter:
         mask = predicted > threshold if probability else predicted >= 128
         if largest_component:
             mask = keep_largest_component(mask)
-        confidence = float(predicted[mask].mean()) if probability and mask.any() else \
-            mean_decoded(predicted, mask, threshold)
+        liver = None
+        if check_liver:
+            confidence = mean_probability(predicted, mask, threshold, encoded=not probability)
+            liver = assess_liver(orientation.from_canonical(mask), confidence, array, ijk_to_ras)
         mask = np.ascontiguousarray(orientation.from_canonical(mask.view(np.uint8)))
-        liver = assess_liver(mask, confidence, array, ijk_to_ras) if check_liver else None
         if liver is not None and not liver.found:
             mask[:] = 0
         notes += view_notes + ([liver.message] if liver is not None and liver.message else [])
@@ -151,11 +152,14 @@ def encode_probability(probability: torch.Tensor, threshold: float) -> torch.Ten
     return torch.where(above, high, low).clamp(0, 255).to(torch.uint8)
 
 
-def mean_decoded(codes: np.ndarray, mask: np.ndarray, threshold: float) -> float:
-    """Mean probability inside ``mask`` from ``encode_probability`` codes (mid-step values); 0 when empty."""
+def mean_probability(predicted: np.ndarray, mask: np.ndarray, threshold: float, encoded: bool = True) -> float:
+    """Mean probability inside ``mask`` of probabilities, or of ``encode_probability`` codes (mid-step values of
+    the codes above the threshold); 0 when the mask is empty."""
     if not mask.any():
         return 0.0
-    above = codes[mask].astype(np.float64) - 128
+    if not encoded:
+        return float(predicted[mask].mean())
+    above = predicted[mask].astype(np.float64) - 128
     return float(threshold + (above.mean() + 0.5) / 128 * (1 - threshold))
 
 

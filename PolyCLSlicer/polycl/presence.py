@@ -71,17 +71,25 @@ def _mean_index(counts: np.ndarray) -> float:
     return float((np.arange(len(counts)) * counts).sum() / max(counts.sum(), 1))
 
 
-def lateral_position(mask: np.ndarray, ct: np.ndarray, ijk_to_ras: np.ndarray) -> float | None:
+def axial_extent(mask: np.ndarray, ijk_to_ras: np.ndarray) -> tuple[int, int, int]:
+    """(axial array axis, first, last slice holding mask) of a non-empty mask."""
+    axis = CanonicalOrientation.from_matrix(ijk_to_ras).slice_axis
+    rows = np.flatnonzero(np.any(mask, axis=tuple(a for a in range(3) if a != axis)))
+    return axis, int(rows[0]), int(rows[-1])
+
+
+def lateral_position(mask: np.ndarray, ct: np.ndarray, ijk_to_ras: np.ndarray,
+                     extent: tuple[int, int, int] | None = None) -> float | None:
     """Centre of ``mask`` to the patient's right of the body's midline on the mask's axial slices, in body
     half-widths (negative: on the left); None when the scan cuts the body at its left or right side (a small
     field of view), where the midline is not in view.  RAS x grows towards the patient's right.
 
     From per-axis voxel counts only (x is linear in i, j, k: a centroid's x is exact, the body's 1st-99th
-    percentile extent is taken along the array axis closest to left-right): no voxel list is built."""
-    axis = CanonicalOrientation.from_matrix(ijk_to_ras).slice_axis
-    rows = np.flatnonzero(np.any(mask, axis=tuple(a for a in range(3) if a != axis)))
+    percentile extent is taken along the array axis closest to left-right): no voxel list is built.
+    ``extent``: the mask's ``axial_extent`` when the caller has it."""
+    axis, first, last = extent or axial_extent(mask, ijk_to_ras)
     pick = [slice(None)] * 3
-    pick[axis] = slice(int(rows[0]), int(rows[-1]) + 1)
+    pick[axis] = slice(first, last + 1)
     body = np.asarray(ct[tuple(pick)]) > BODY_HU
     if not body.any():
         return None
@@ -110,10 +118,10 @@ def assess_liver(mask: np.ndarray, confidence: float, ct: np.ndarray, ijk_to_ras
     volume = float(mask.sum() * np.prod(voxel_spacing(ijk_to_ras)) / 1000.0)
     if volume == 0:
         return LiverCheck(NONE, "the model labelled no voxel as liver")
-    axis = CanonicalOrientation.from_matrix(ijk_to_ras).slice_axis
-    rows = np.flatnonzero(np.any(mask, axis=tuple(a for a in range(3) if a != axis)))
-    whole = bool(rows[0] > 0 and rows[-1] < mask.shape[axis] - 1)
-    lateral = lateral_position(mask, ct, ijk_to_ras)
+    extent = axial_extent(mask, ijk_to_ras)
+    axis, first, last = extent
+    whole = first > 0 and last < mask.shape[axis] - 1
+    lateral = lateral_position(mask, ct, ijk_to_ras, extent)
     check = LiverCheck(FOUND, "", volume, float(confidence), lateral, whole)
     if volume < MIN_LIVER_ML:
         return _judged(check, NONE, f"only {volume:.1f} mL were labelled, less than any liver in view")
