@@ -24,7 +24,8 @@ LAYERS = {
     "inference": 5,
     "suggest": 6,
     "pipeline": 7,
-    "cli": 8, "worker": 8,
+    "batch": 8,
+    "cli": 9, "worker": 9,
 }
 
 

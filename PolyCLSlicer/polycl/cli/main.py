@@ -1,4 +1,4 @@
-"""The ``polycl`` command line: segment, finetune, evaluate, info, sample (+ propagate, pretrain)."""
+"""The ``polycl`` command line: segment, batch, finetune, evaluate, info, sample (+ propagate, pretrain)."""
 
 from __future__ import annotations
 
@@ -269,12 +269,14 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--offline", action="store_true", help="never download")
     sample.set_defaults(handler=command_sample)
 
+    from .batch import add_batch_command
     from .outputs import add_series_command
     from .pretrain import add_pretrain_command
     from .sam import add_propagate_command
     from .suggest import add_suggest_command
 
-    for add in (add_propagate_command, add_pretrain_command, add_suggest_command, add_series_command):
+    for add in (add_batch_command, add_propagate_command, add_pretrain_command, add_suggest_command,
+                add_series_command):
         add(subparsers)
     return parser
 

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
-DICOM_SUFFIXES = (".dcm",)
+from ..io.outputs import DICOM_SUFFIXES, wants_dicom_seg
+
 SERIES_EPILOG = """examples:
   polycl series dicom_folder/
   polycl series dicom_folder/ --json
@@ -25,10 +26,6 @@ def add_output_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overlay", metavar="FILE.png",
                         help="also write a PNG for a quick visual check: three axial slices and one coronal, liver "
                              "outlined, volume in mL (default: no)")
-
-
-def wants_dicom_seg(path: str | None) -> bool:
-    return path is not None and str(path).lower().endswith(DICOM_SUFFIXES)
 
 
 def check_extra_outputs(args: argparse.Namespace, inputs: tuple) -> None:
@@ -71,44 +68,22 @@ def plural(count: int, noun: str) -> str:
 def write_outputs(args: argparse.Namespace, volume, mask: np.ndarray, algorithm: str, version: str,
                   automatic: bool = True) -> list[str]:
     """The main output (mask file or DICOM SEG), then ``--dicom-seg`` and ``--overlay``; the paths written."""
-    from ..io.volumes import write_mask
+    from ..io.outputs import write_liver_outputs
 
-    written = []
-    for target in (args.output, args.dicom_seg):
-        if target is None:
-            continue
-        if wants_dicom_seg(target):
-            import warnings
-
-            from ..io.dicom_seg import write_dicom_seg
-
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                write_dicom_seg(target, mask, volume.ijk_to_ras, args.dicom_source, algorithm, version, automatic)
-            for warning in caught:  # e.g. UIDs generated for a series without them: said once, on one line
-                print(f"polycl: warning: {warning.message}", file=sys.stderr)
-        else:
-            write_mask(target, mask, volume.ijk_to_ras)
-        written.append(str(target))
-    if args.overlay:
-        from ..io.overlay import liver_caption, write_overlay
-
-        write_overlay(args.overlay, volume.array, mask, volume.ijk_to_ras,
-                      liver_caption(Path(str(args.input).rstrip("/")).name, mask, volume.ijk_to_ras))
-        written.append(str(args.overlay))
+    written, notes = write_liver_outputs(
+        [t for t in (args.output, args.dicom_seg) if t is not None], volume, mask, algorithm=algorithm,
+        version=version, dicom_source=args.dicom_source, overlay=args.overlay,
+        name=Path(str(args.input).rstrip("/")).name, automatic=automatic)
+    for note in notes:  # e.g. UIDs generated for a series without them: said once, on one line
+        print(f"polycl: warning: {note}", file=sys.stderr)
     return written
 
 
 def model_identity(segmenter, checkpoint: str | None, refiner=None) -> tuple[str, str]:
     """(algorithm name, version) for a DICOM SEG: PolyCLSlicer + the model card's name, architecture, date."""
-    from .. import __version__
+    from ..nets.model_card import algorithm_identity
 
-    card = segmenter.card
-    name = f"PolyCLSlicer {card.get('name') or Path(checkpoint or 'model').stem}"
-    if refiner is not None:
-        name += f" + {refiner.name}"
-    version = f"{card['architecture']} {str(card.get('created', ''))[:10]} polycl {__version__}".replace("  ", " ")
-    return name, version
+    return algorithm_identity(segmenter.card, checkpoint, None if refiner is None else refiner.name)
 
 
 def command_series(args: argparse.Namespace) -> int:

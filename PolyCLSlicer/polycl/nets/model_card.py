@@ -122,3 +122,15 @@ def checkpoint_path(checkpoint: str | os.PathLike | None) -> Path:
     if checkpoint is None or str(checkpoint).strip() in ("", "."):
         return starter_checkpoint()
     return Path(checkpoint).expanduser().resolve()
+
+
+def algorithm_identity(card: dict, checkpoint: str | os.PathLike | None, refiner: str | None = None
+                       ) -> tuple[str, str]:
+    """(algorithm name, version) for a DICOM SEG: PolyCLSlicer + the model card's name, architecture, date."""
+    from .. import __version__
+
+    name = f"PolyCLSlicer {card.get('name') or Path(checkpoint or 'model').stem}"
+    if refiner is not None:
+        name += f" + {refiner}"
+    version = f"{card['architecture']} {str(card.get('created', ''))[:10]} polycl {__version__}".replace("  ", " ")
+    return name, version
