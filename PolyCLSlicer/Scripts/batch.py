@@ -1,4 +1,4 @@
-"""Headless batch liver segmentation through the PolyCLSlicer Logic.
+"""Headless batch liver segmentation with PolyCLSlicer (the same implementation as ``polycl batch``).
 
 Inside 3D Slicer (no window):
     Slicer --no-main-window --python-script PolyCLSlicer/Scripts/batch.py --input DIR_OR_FILE --output DIR
@@ -7,71 +7,25 @@ With the project's environment (slicer-core; CI, servers):
 
 Writes ``<name>.seg.nrrd`` (segment "Liver", SNOMED CT terminology, geometry of the input) and, with
 ``--nifti``, ``<name>_liver.nii.gz`` per input volume (existing outputs are kept unless ``--overwrite``; a
-re-run writes only the missing ones), and ``summary.csv`` with the printed table.  A file that cannot
-be read or segmented is reported and skipped (the computation runs in the PolyCL worker process,
-started once and kept warm for the whole batch; a crash of it fails one file, the next starts a new
-worker); the exit code is 1 when any input failed
-(2 when the input does not exist).  Missing Python packages are reported before any work.  Any other
-error ends the script with a one-line message and exit code 1: under ``--python-script`` an uncaught
-exception would leave a headless Slicer running forever.
+re-run writes only the missing ones), and ``summary.csv`` with the printed table.  The cases run on Dask
+workers (``polycl.batch``): by default worker processes on this machine that keep the model loaded,
+``--scheduler tcp://HOST:PORT`` for a running cluster.  A file that cannot be read or segmented is reported
+and skipped; a worker that dies mid-case has the case retried on another worker.  The exit code is 1 when
+any input failed (2 when the input does not exist).  Missing Python packages are reported before any work.
+Any other error ends the script with a one-line message and exit code 1: under ``--python-script`` an
+uncaught exception would leave a headless Slicer running forever.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-import time
 import traceback
 from pathlib import Path
 
 MODULE_DIR = Path(__file__).resolve().parent.parent
 if str(MODULE_DIR) not in sys.path:
     sys.path.insert(0, str(MODULE_DIR))
-
-VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
-
-
-def volume_stem(path: Path) -> str:
-    """File name without its volume extension (a DICOM folder keeps its name)."""
-    name = path.name
-    for suffix in VOLUME_SUFFIXES:
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return name
-
-
-def find_inputs(path: Path) -> list[Path]:
-    """The file itself, or the volumes (and DICOM series folders) directly inside a folder."""
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no such file or folder")
-    if path.is_file() or any(path.glob("*.dcm")):
-        return [path]
-    found = []
-    for child in sorted(path.iterdir()):
-        if child.name.startswith(".") or child.name.lower().endswith(".seg.nrrd"):
-            continue
-        if child.is_file() and child.name.lower().endswith(VOLUME_SUFFIXES):
-            found.append(child)
-        elif child.is_dir() and any(child.glob("*.dcm")):
-            found.append(child)
-    earlier = output_names(found)  # outputs of this script are never inputs (output folder = input folder)
-    return [child for child in found if child.name not in earlier]
-
-
-def unique_stems(inputs: list[Path]) -> list[str]:
-    """Each input's output stem: its name without the volume extension, ``_`` added until unique."""
-    stems: list[str] = []
-    for path in inputs:
-        stem = volume_stem(path)
-        while stem in stems:  # a.nii.gz and a.nrrd in one folder
-            stem += "_"
-        stems.append(stem)
-    return stems
-
-
-def output_names(inputs: list[Path]) -> set[str]:
-    """The file names this script writes for ``inputs`` (with or without --nifti)."""
-    return {name for stem in unique_stems(inputs) for name in (f"{stem}.seg.nrrd", f"{stem}_liver.nii.gz")}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -89,28 +43,47 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--sam2-config", default=None, help="sam2 config name of that checkpoint")
     parser.add_argument("--nifti", action="store_true", help="also write <name>_liver.nii.gz")
     parser.add_argument("--overwrite", action="store_true", help="replace existing outputs (default: skip them)")
+    parser.add_argument("--workers", type=int, default=None, help="local worker processes (default: sized to "
+                        "this machine's CPUs and memory)")
+    parser.add_argument("--scheduler", default=None, help="a running Dask scheduler, tcp://HOST:PORT")
+    parser.add_argument("--retries", type=int, default=2, help="retries of a case whose worker died")
     return parser.parse_args(argv)
 
 
-def format_table(rows: list[tuple[str, ...]], header: tuple[str, ...]) -> str:
-    widths = [max(len(str(r[c])) for r in [header, *rows]) for c in range(len(header))]
-    lines = ["  ".join(str(v).ljust(w) for v, w in zip(row, widths, strict=True)).rstrip()
-             for row in [header, tuple("-" * w for w in widths), *rows]]
-    return "\n".join(lines)
+def find_inputs(path: Path) -> list[Path]:
+    """The file itself, or the CT volumes (and DICOM series folders) of a folder; never this script's outputs."""
+    from polycl.batch.cases import find_inputs as find
+
+    return find([path])
+
+
+def use_slicer_python() -> None:
+    """Inside the Slicer application, worker processes start with PythonSlicer (Slicer's own executable
+    is not a Python interpreter)."""
+    import slicer
+
+    if hasattr(slicer, "app"):
+        import multiprocessing
+
+        from PolyCLSlicerLib.worker_client import python_executable
+
+        multiprocessing.set_executable(python_executable())
 
 
 def run(args: argparse.Namespace) -> int:
-    import slicer
-    from PolyCLSlicerLib import dependencies, mrml, undo
+    from PolyCLSlicerLib import dependencies
 
-    from PolyCLSlicer import HAS_APP, PolyCLSlicerLogic
-
-    needed = dependencies.missing(args.refine)  # checked before any work; a headless run installs nothing
+    needed = dependencies.missing(args.refine, batch=True)  # checked before any work; a headless run installs nothing
     if needed:
         print("batch: error: Python packages not installed: " + ", ".join(needed) + ". Open the PolyCL Liver "
-              "module in Slicer and press Apply once to install them (it asks first), then run again.",
-              file=sys.stderr)
+              "module in Slicer and press Apply once to install them (it asks first), or install them with "
+              "PythonSlicer -m pip install, then run again.", file=sys.stderr)
         return 1
+    from polycl.batch.cases import plan_cases
+    from polycl.batch.cluster import ClusterOptions
+    from polycl.batch.runner import run_batch, table
+    from polycl.batch.work import Settings
+
     try:
         inputs = find_inputs(args.input)
     except FileNotFoundError as error:
@@ -120,69 +93,17 @@ def run(args: argparse.Namespace) -> int:
         print(f"no CT volumes found in {args.input}", file=sys.stderr)
         return 1
     args.output.mkdir(parents=True, exist_ok=True)
-    scene = slicer.mrmlScene if HAS_APP else mrml.new_scene()
-    logic = PolyCLSlicerLogic()
-    options = {"checkpoint": args.checkpoint, "device": args.device, "refiner": args.refine,
-               "samCheckpoint": args.sam_checkpoint, "samModel": args.sam_model,
-               "sam2Checkpoint": args.sam2_checkpoint, "sam2Config": args.sam2_config}
-    rows = []
-    batch_started = time.perf_counter()
-    for number, (path, stem) in enumerate(zip(inputs, unique_stems(inputs), strict=True), start=1):
-        targets = [args.output / f"{stem}.seg.nrrd"] + ([args.output / f"{stem}_liver.nii.gz"] if args.nifti else [])
-        missing = targets if args.overwrite else [t for t in targets if not t.exists()]
-        started = time.perf_counter()
-        before = undo.node_ids(scene)
-        try:
-            if not missing:
-                rows.append((path.name, "skipped", "", "", "0.0",
-                             f"{', '.join(t.name for t in targets)} exist (--overwrite replaces them)"))
-            else:
-                volume = logic.loadVolume(scene, path, stem)
-                report = logic.segment(volume, **options)
-                for target in missing:  # polycl.io.write_mask: the writer `polycl segment` uses (.seg.nrrd: Liver)
-                    logic.exportSegment(report.segmentationNode, report.segmentId, volume, target)
-                note = "; ".join([", ".join(t.name for t in missing), *report.warnings])
-                status = "ok" if report.liverFound else "no liver"
-                rows.append((path.name, status, f"{report.volumeMl:.1f}", str(len(report.slices)),
-                             f"{time.perf_counter() - started:.1f}", note))
-        except Exception as error:  # one bad file must not stop the batch
-            message = (str(error).strip().splitlines() or [type(error).__name__])[-1]
-            rows.append((path.name, "FAILED", "", "", f"{time.perf_counter() - started:.1f}", message))
-        finally:
-            undo.remove_nodes_except(scene, before)
-        print(f"[{number}/{len(inputs)}] {path.name}: {rows[-1][1]} "
-              f"({time_left(time.perf_counter() - batch_started, number, len(inputs))})", file=sys.stderr, flush=True)
-    header = ("input", "status", "liver ml", "slices", "seconds", "output / reason")
-    print(format_table(rows, header))
-    summary = write_summary(args.output / "summary.csv", rows, header)
-    count = {status: sum(row[1] == status for row in rows) for status in ("ok", "no liver", "skipped", "FAILED")}
-    processed = count["ok"] + count["no liver"]
-    print(f"\n{processed} of {len(inputs)} processed, {count['skipped']} skipped (outputs exist), "
-          f"{count['FAILED']} failed, {count['no liver']} with no liver found (empty masks); outputs in {args.output}, "
-          f"table in {summary.name}")
-    return 1 if count["FAILED"] else 0
-
-
-def time_left(elapsed: float, done: int, total: int) -> str:
-    """'1:05 elapsed, ~2:10 left' from the mean time per input so far."""
-    def clock(seconds: float) -> str:
-        minutes, seconds = divmod(int(round(seconds)), 60)
-        return f"{minutes // 60}:{minutes % 60:02d}:{seconds:02d}" if minutes >= 60 else f"{minutes}:{seconds:02d}"
-
-    return f"{clock(elapsed)} elapsed, ~{clock(elapsed / max(done, 1) * (total - done))} left"
-
-
-def write_summary(path: Path, rows: list[tuple[str, ...]], header: tuple[str, ...]) -> Path:
-    """The batch's table as CSV beside its outputs (written atomically)."""
-    import csv
-
-    from polycl.io.base import atomic_write
-
-    def write(temp: Path) -> None:
-        with open(temp, "w", newline="", encoding="utf-8") as handle:
-            csv.writer(handle).writerows([header, *rows])
-
-    return atomic_write(path, write, suffix=".csv")
+    use_slicer_python()
+    cases = plan_cases(inputs, args.output, ["seg.nrrd"] + (["nii.gz"] if args.nifti else []),
+                       overwrite=args.overwrite)
+    settings = Settings(checkpoint=args.checkpoint, device=args.device, refine=args.refine,
+                        sam_checkpoint=args.sam_checkpoint, sam_model=args.sam_model,
+                        sam2_checkpoint=args.sam2_checkpoint, sam2_config=args.sam2_config)
+    options = ClusterOptions(scheduler=args.scheduler, workers=args.workers, retries=args.retries)
+    report = run_batch(cases, settings, options, args.output)
+    print(table(report))
+    print(f"\n{report.line()}")
+    return report.exit_code
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,7 +12,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..io.cases import CaseDiscoveryError, find_volumes, strip_suffix
+from ..io.cases import CaseDiscoveryError, find_ct_inputs, strip_suffix
 
 LIST_SUFFIXES = (".csv", ".txt", ".lst")
 FORMATS = ("nii.gz", "nrrd", "seg.nrrd", "mha", "dcm")  # dcm: DICOM SEG (DICOM series inputs only)
@@ -78,7 +78,7 @@ def find_inputs(paths: Iterable[str | os.PathLike]) -> list[Path]:
         listed = path.is_file() and path.name.lower().endswith(LIST_SUFFIXES)
         expanded.extend(read_path_list(path) if listed else [path])
     try:
-        return find_volumes(expanded) if expanded else []
+        return find_ct_inputs(expanded) if expanded else []
     except CaseDiscoveryError as error:
         if "no such file" in str(error):
             raise FileNotFoundError(str(error)) from None

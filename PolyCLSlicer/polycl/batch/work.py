@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -151,7 +152,13 @@ def run_case(case: Case, settings: Settings) -> CaseResult:
         result = CaseResult("FAILED", 0.0, warm.label, message=message)
     result.seconds = round(time.perf_counter() - started, 2)
     result.attempts = attempts
+    result.worker = f"{warm.label} ({torch_threads()} threads)"
     return result
+
+
+def torch_threads() -> int:
+    """The intra-op threads torch computes with in this process (0 when torch was never loaded)."""
+    return sys.modules["torch"].get_num_threads() if "torch" in sys.modules else 0
 
 
 def segment_case(case: Case, settings: Settings, warm: WarmModels) -> CaseResult:

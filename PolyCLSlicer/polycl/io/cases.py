@@ -105,3 +105,17 @@ def find_volumes(paths: Iterable[str | os.PathLike]) -> list[Path]:
 def find_label_files(paths: Iterable[str | os.PathLike]) -> list[Path]:
     """Label volumes: files as given; a folder gives its label files, or all its volume files if none is marked."""
     return _expand(paths, _label_volumes_in, "label volumes")
+
+
+def _ct_volumes_and_series_in(folder: Path) -> list[Path]:
+    """A folder's CT volume files and DICOM series subfolders, or the folder itself when it holds DICOM files."""
+    if is_dicom_folder(folder):
+        return [folder]
+    return sorted(p for p in folder.iterdir() if (is_volume_file(p) and not is_label_file(p))
+                  or (not p.name.startswith(".") and is_dicom_folder(p)))
+
+
+def find_ct_inputs(paths: Iterable[str | os.PathLike]) -> list[Path]:
+    """Like :func:`find_volumes`, but a folder gives its CT files and its DICOM series subfolders together
+    (a cohort folder mixing both, as ``polycl batch`` takes it)."""
+    return _expand(paths, _ct_volumes_and_series_in, "CT volumes")
