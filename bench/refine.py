@@ -1,15 +1,17 @@
-"""LiteMedSAM box-refinement benchmark on a 512x512 CT: naive vs optimised, seconds per slice, RSS.
+"""LiteMedSAM box-refinement benchmark on a 512x512 CT: naive vs shipped, seconds per slice, RSS.
 
 Run:  .venv/bin/python bench/refine.py [--data DIR] [--slices 6] [--threads N] [--cases] [--segment-rss]
 
 In one run on this machine (coarse mask: the bundled starter PolyCL model on ircad01's middle 119
 slices, 512x512, unseen in training):
-  1. per liver slice on ``--slices`` mid-liver slices, naive and optimised interleaved slice by slice
+  1. per liver slice on ``--slices`` mid-liver slices, naive, autocast and shipped interleaved slice by slice
      (other load on the machine hits both alike): naive = the plain fp32 path (BatchNorm unfolded,
-     contiguous layout, one encoder call per slice, one decoder call per box); optimised = the shipped
-     path (BatchNorm folded, channels-last, encoder batches of ``--batch``, one decoder call per slice,
-     bf16 only where the CPU has it natively).  Encoder and decoder seconds, the ratio, GFLOP/s as a
-     fraction of a fp32 matmul peak measured in the same run, and whether the masks agree;
+     contiguous layout, one encoder call per slice, one decoder call per box); autocast = the path
+     shipped before issue 25 (BatchNorm folded, channels-last, bf16 autocast); shipped = now (+ TinyViT's
+     oneDNN-fused forwards of polycl.sam.tinyvit, the encoder in pure bf16 only where the CPU has it
+     natively, encoder batches of ``--batch``, one decoder call per slice).  Encoder and decoder
+     seconds, the ratio, GFLOP/s as a fraction of a fp32 matmul peak measured in the same run, and
+     how many mask pixels differ from the naive path's;
   2. ``refine_volume`` over every liver slice of the coarse mask with the shipped path (what
      ``polycl segment --refine litemedsam`` runs): seconds per refined slice, fallbacks, peak RSS;
   3. ``--cases``: 3D Dice coarse -> refined on the labelled cases (block-coarsened reference);
@@ -78,58 +80,79 @@ def coarse_ircad(root: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return array, matrix, np.asarray(mask, np.uint8)
 
 
+def autocast_refiner(batch: int) -> sr.SamRefiner:
+    """The path shipped before issue 25: BatchNorm folded, channels-last, vendored forwards, bf16 autocast."""
+    from polycl.devices import resolve_precision
+
+    refiner = sr.build_refiner("litemedsam", device="cpu", optimize=False, encoder_batch=batch)
+    sr.fuse_conv_bn(refiner.sam.image_encoder)
+    refiner.sam.image_encoder.to(memory_format=torch.channels_last)
+    refiner.optimize = True  # channels-last input batches
+    refiner.precision = resolve_precision("auto", refiner.device)  # autocast to bf16 where native
+    return refiner
+
+
 def per_slice(array: np.ndarray, matrix: np.ndarray, coarse: np.ndarray, count: int, batch: int,
-              peak: float) -> None:
-    """Naive vs optimised encoder / decoder per slice, interleaved."""
-    naive = sr.build_refiner("litemedsam", device="cpu", optimize=False)
-    fast = sr.build_refiner("litemedsam", device="cpu", optimize=True, encoder_batch=batch)
+              peak: float, repeats: int = 1) -> dict[str, float]:
+    """Naive vs the issue-12 path vs the shipped one, encoder / decoder per slice, interleaved slice by slice."""
+    refiners = {"naive": sr.build_refiner("litemedsam", device="cpu", optimize=False),
+                "autocast": autocast_refiner(batch),
+                "shipped": sr.build_refiner("litemedsam", device="cpu", optimize=True, encoder_batch=batch)}
     orientation = CanonicalOrientation.from_matrix(matrix)
     ct, mask = orientation.to_canonical(array), orientation.to_canonical(coarse > 0)
     liver = np.flatnonzero(mask.reshape(len(mask), -1).any(1))
     picked = liver[max(0, len(liver) // 2 - count // 2):][:count]
-    encoder_flops, decoder_flops = model_flops(naive)
-    for refiner in (naive, fast):  # first-call overheads out of the way
+    encoder_flops, decoder_flops = model_flops(refiners["naive"])
+    for refiner in refiners.values():  # first-call overheads out of the way
         refiner.embed([sr.slice_to_rgb(ct[picked[0]])], use_cache=False)
-    times = {"naive": [0.0, 0.0], "optimised": [0.0, 0.0]}
-    boxes_total, differing = 0, 0
+    times = {label: [0.0, 0.0] for label in refiners}
+    best = {label: [np.inf, np.inf] for label in refiners}
+    boxes_total, differing = 0, {label: 0 for label in refiners}
     for start in range(0, len(picked), batch):
         chunk = picked[start:start + batch]
         images = [sr.slice_to_rgb(ct[z]) for z in chunk]
         boxes = [sr.component_boxes(mask[z])[0] for z in chunk]
         boxes_total += sum(len(b) for b in boxes)
         results = {}
-        for label, refiner in (("naive", naive), ("optimised", fast)):
-            began = time.perf_counter()
-            embeddings = (refiner.embed(images, use_cache=False) if label == "optimised"
-                          else [refiner.embed([image], use_cache=False)[0] for image in images])
-            middle = time.perf_counter()
-            if label == "naive":  # one decoder call per box
-                masks = [np.concatenate([refiner.decode(e, box[None])[0] for box in b]) for e, b in
-                         zip(embeddings, boxes, strict=True)]
-            else:
-                masks = [refiner.decode(e, b)[0] for e, b in zip(embeddings, boxes, strict=True)]
-            times[label][0] += middle - began
-            times[label][1] += time.perf_counter() - middle
-            results[label] = masks
-        differing += sum(int(np.count_nonzero(a != b)) for a, b in zip(results["naive"], results["optimised"],
-                                                                       strict=True))
+        for _ in range(repeats):
+            for label, refiner in refiners.items():
+                began = time.perf_counter()
+                embeddings = ([refiner.embed([image], use_cache=False)[0] for image in images] if label == "naive"
+                              else refiner.embed(images, use_cache=False))
+                middle = time.perf_counter()
+                if label == "naive":  # one decoder call per box
+                    masks = [np.concatenate([refiner.decode(e, box[None])[0] for box in b]) for e, b in
+                             zip(embeddings, boxes, strict=True)]
+                else:
+                    masks = [refiner.decode(e, b)[0] for e, b in zip(embeddings, boxes, strict=True)]
+                best[label] = [min(best[label][0], middle - began), min(best[label][1], time.perf_counter() - middle)]
+                results[label] = masks
+        for label in refiners:
+            times[label][0] += best[label][0]
+            times[label][1] += best[label][1]
+            best[label] = [np.inf, np.inf]
+            differing[label] += sum(int(np.count_nonzero(a != b)) for a, b in zip(results["naive"], results[label],
+                                                                                  strict=True))
     n = len(picked)
-    print(f"\n1. per liver slice, ircad01 512x512, {n} slices, {boxes_total} boxes, interleaved; "
-          f"optimised: encoder batch {batch}, precision {fast.precision}")
+    print(f"\n1. per liver slice, ircad01 512x512, {n} slices, {boxes_total} boxes, interleaved (best of {repeats} "
+          f"per slice); encoder batch {batch}; precision: autocast {refiners['autocast'].precision}, shipped "
+          f"{refiners['shipped'].precision}{' (pure bf16 encoder)' if refiners['shipped'].pure_bf16 else ''}")
     print(f"   model: encoder {encoder_flops / 1e9:.1f} GFLOP per slice (TinyViT at 256x256, stage 1 at full "
           f"256x256 resolution), decoder {decoder_flops / 1e9:.2f} GFLOP per box; fp32 matmul peak "
           f"{peak:.0f} GFLOP/s ({torch.get_num_threads()} threads)")
-    print(f"   {'path':<10} {'encoder s':>10} {'decoder s':>10} {'slice s':>8} {'GFLOP/s':>8} {'of peak':>8}")
+    print(f"   {'path':<10} {'encoder s':>10} {'decoder s':>10} {'slice s':>8} {'GFLOP/s':>8} {'of fp32':>8} "
+          f"{'vs naive':>8} {'pixels != naive':>15}")
     totals = {}
     for label, (encoder, decoder) in times.items():
         slice_s = (encoder + decoder) / n
         totals[label] = slice_s
         rate = (encoder_flops * n + decoder_flops * boxes_total) / (encoder + decoder) / 1e9
         print(f"   {label:<10} {encoder / n:>10.3f} {decoder / n:>10.3f} {slice_s:>8.3f} {rate:>8.1f} "
-              f"{rate / peak:>8.0%}")
-    floor = encoder_flops / peak / 1e9
-    print(f"   ratio naive/optimised {totals['naive'] / totals['optimised']:.2f}x; masks differ in {differing} "
-          f"pixels; the encoder alone at the fp32 matmul peak would take {floor:.2f} s per slice")
+              f"{rate / peak:>8.0%} {totals['naive'] / slice_s:>7.2f}x {differing[label]:>15d}")
+    print("   paths: naive = plain fp32, vendored forwards, BatchNorm unfolded, one decoder call per box; autocast "
+          "= the path shipped before issue 25 (BatchNorm folded, channels-last, bf16 autocast); shipped = now "
+          "(+ oneDNN-fused TinyViT forwards, pure bf16 encoder where native)")
+    return totals
 
 
 def whole_volume(array: np.ndarray, matrix: np.ndarray, coarse: np.ndarray, batch: int) -> None:
@@ -176,9 +199,10 @@ def segment_rss(root: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", help="shared data folder (default $POLYCL_DATA or ../shared/data)")
-    parser.add_argument("--slices", type=int, default=6, help="slices for the naive/optimised timing")
+    parser.add_argument("--slices", type=int, default=6, help="slices for the naive/shipped timing")
+    parser.add_argument("--repeats", type=int, default=1, help="section 1: best of N per slice and path")
     parser.add_argument("--batch", type=int, default=sr.SamRefiner.DEFAULT_ENCODER_BATCH,
-                        help="encoder batch of the optimised path")
+                        help="encoder batch of the shipped path")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     parser.add_argument("--skip-volume", action="store_true", help="skip section 2 (whole liver extent)")
     parser.add_argument("--cases", action="store_true", help="also section 3 (Dice on the labelled cases)")
@@ -191,7 +215,7 @@ def main() -> None:
     print("machine:", machine())
     peak = matmul_peak(torch.float32)
     array, matrix, coarse = coarse_ircad(root)
-    per_slice(array, matrix, coarse, args.slices, args.batch, peak)
+    per_slice(array, matrix, coarse, args.slices, args.batch, peak, args.repeats)
     if not args.skip_volume:
         whole_volume(array, matrix, coarse, args.batch)
     if args.cases:
