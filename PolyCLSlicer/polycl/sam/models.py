@@ -163,7 +163,8 @@ class Refiner:
 
     def embed(self, images: Sequence[np.ndarray], use_cache: bool = True) -> list[Any]:
         """Embeddings of RGB uint8 (H, W, 3) images; computed once per distinct image."""
-        keys = [EmbeddingCache.key(image) for image in images]
+        use_cache = use_cache and self.cache.max_bytes > 0  # no cache (one-shot CLI): no content hashing
+        keys = [EmbeddingCache.key(image) if use_cache else "" for image in images]
         found = [self.cache.get(key) if use_cache else None for key in keys]
         todo = [n for n, value in enumerate(found) if value is None]
         if todo:

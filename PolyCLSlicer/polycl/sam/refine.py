@@ -176,9 +176,10 @@ def refine_volume(ct_array: np.ndarray, ijk_to_ras: np.ndarray, coarse_mask: np.
         raise ValueError(f"coarse mask shape {coarse_mask.shape} differs from the CT's {ct_array.shape}")
     orientation = CanonicalOrientation.from_matrix(ijk_to_ras)
     ct = orientation.to_canonical(ct_array)
-    coarse = np.ascontiguousarray(orientation.to_canonical(coarse_mask > 0))
+    coarse = np.empty(ct.shape, bool)  # canonical and contiguous in one allocation (a 512x512x300 mask: 79 MB)
+    np.not_equal(orientation.to_canonical(coarse_mask), 0, out=coarse)
     target = keep_largest_component(coarse) if main_component_only else coarse
-    refined = coarse & ~target
+    refined = np.greater(coarse, target)  # coarse & ~target without a temporary
     todo = [int(z) for z in np.flatnonzero(target.reshape(len(target), -1).any(1))]
     hits0, misses0 = refiner.cache.hits, refiner.cache.misses
     reports: dict[int, tuple[int, int, list[float]]] = {}

