@@ -61,31 +61,48 @@ def check_complete(path: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------------- NIfTI
-def _nifti_header(path: Path):
-    """The header as stored (``nib.load`` would silently "fix" zero or negative pixdim)."""
-    import nibabel as nib
-    from nibabel.openers import ImageOpener
+# The NIfTI-1 (348 bytes) and NIfTI-2 (540 bytes) header fields checked here, at their offsets in the standard
+# (nifti1.h / nifti2.h).  Read with numpy: nibabel's import costs ~0.3 CPU-s per `polycl segment`.
+NIFTI_FIELDS = {
+    348: [("sizeof_hdr", "i4", 0), ("dim", ("i2", 8), 40), ("bitpix", "i2", 72), ("pixdim", ("f4", 8), 76),
+          ("vox_offset", "f4", 108), ("sform_code", "i2", 254), ("srow", ("f4", (3, 4)), 280)],
+    540: [("sizeof_hdr", "i4", 0), ("bitpix", "i2", 14), ("dim", ("i8", 8), 16), ("pixdim", ("f8", 8), 104),
+          ("vox_offset", "i8", 168), ("sform_code", "i4", 348), ("srow", ("f8", (3, 4)), 400)],
+}
+
+
+def _nifti_dtype(size: int, order: str) -> np.dtype:
+    fields = NIFTI_FIELDS[size]
+    return np.dtype({"names": [name for name, _, _ in fields],
+                     "formats": [np.dtype((order + kind[0], kind[1])) if isinstance(kind, tuple) else order + kind
+                                 for _, kind, _ in fields],
+                     "offsets": [offset for _, _, offset in fields], "itemsize": size})
+
+
+def _nifti_header(path: Path) -> np.void:
+    """The header fields as stored (``nib.load`` would silently "fix" zero or negative pixdim)."""
+    import gzip
 
     try:
-        with ImageOpener(str(path)) as handle:
+        with (gzip.open if path.name.lower().endswith(".gz") else open)(path, "rb") as handle:
             raw = handle.read(540)
     except (OSError, EOFError, zlib.error) as error:
         raise IncompleteFileError(f"{path}: not a readable NIfTI file ({_first_line(error)}); "
                                   "re-download or re-export it") from None
-    for header_class in (nib.Nifti1Header, nib.Nifti2Header):
-        size = header_class.template_dtype["sizeof_hdr"].itemsize
-        if len(raw) < header_class.sizeof_hdr:
-            continue
+    for size in NIFTI_FIELDS:
         for order in ("<", ">"):
-            if int(np.frombuffer(raw[:size], order + "i4")[0]) == header_class.sizeof_hdr:
-                return header_class(raw[: header_class.sizeof_hdr], endianness=order, check=False)
+            if len(raw) >= size and int(np.frombuffer(raw[:4], order + "i4")[0]) == size:
+                header = np.frombuffer(raw[:size], _nifti_dtype(size, order))[0]
+                if 1 <= int(header["dim"][0]) <= 7:
+                    return header
     raise IncompleteFileError(f"{path}: not a NIfTI file (no valid NIfTI header; truncated or another "
                               "format?); re-download or re-export it")
 
 
 def check_nifti(path: Path) -> None:
     header = _nifti_header(path)
-    shape = tuple(int(n) for n in header.get_data_shape())
+    dim = header["dim"]
+    shape = tuple(int(n) for n in dim[1:int(dim[0]) + 1])
     if not shape or min(shape) < 1:
         raise IncompleteFileError(f"{path}: header declares a zero-size dimension (shape {shape}); "
                                   "the file holds no voxels")
@@ -94,7 +111,7 @@ def check_nifti(path: Path) -> None:
         raise IncompleteFileError(f"{path}: voxel spacing (pixdim) {zooms.tolist()} has zero or negative "
                                   "values; fix the header's spacing")
     if int(header["sform_code"]) > 0:
-        check_axes(header.get_sform()[:3, :3], f"{path}: NIfTI sform")
+        check_axes(np.asarray(header["srow"], float)[:3, :3], f"{path}: NIfTI sform")
     declared = int(header["vox_offset"]) + int(np.prod(shape)) * int(header["bitpix"]) // 8
     if path.name.lower().endswith(".gz"):
         _check_gzip_payload(path, 0, declared)
