@@ -6,7 +6,8 @@ The CT is a 512 x 512 x N cut of ircad01 (as bench/inference.py).  For each sett
 then twice at once (two processes started together), alternated ``--repeats`` times; the best wall time is
 printed with the ratio "each of two at once / alone" (fair sharing of the cores gives 2x).  Settings: the
 default thread decision (polycl.threads: the CPUs the process may use), OpenMP's passive wait policy
-(``OMP_WAIT_POLICY=PASSIVE``: idle threads sleep instead of spinning), and one thread per process.  A CPU-bound
+(``OMP_WAIT_POLICY=PASSIVE``: idle threads sleep instead of spinning), a short spin before sleeping
+(``GOMP_SPINCOUNT=10000``; libgomp's default without a policy is 300000), and one thread per process.  A CPU-bound
 competitor on every core (plain Python loops) is the last row.  Prints the machine, bf16 and load first.
 """
 
@@ -31,6 +32,7 @@ from polycl.io import read_volume, write_volume  # noqa: E402
 SETTINGS = {
     "default threads": {},
     "OMP_WAIT_POLICY=PASSIVE": {"OMP_WAIT_POLICY": "PASSIVE"},
+    "GOMP_SPINCOUNT=10000": {"GOMP_SPINCOUNT": "10000"},  # libgomp (torch's pip wheels): spin ~1/30 of the default
     "1 thread per process": {"POLYCL_THREADS": "1"},
 }
 
@@ -71,7 +73,7 @@ def main() -> int:
     path = folder / "ct.nii.gz"
     write_volume(path, np.ascontiguousarray(ct.array[:, :, :args.slices]), ct.ijk_to_ras)
     base_env = {key: value for key, value in os.environ.items() if key not in ("OMP_NUM_THREADS", "POLYCL_THREADS",
-                                                                               "OMP_WAIT_POLICY")}
+                                                                               "OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
     base_env["PYTHONPATH"] = str(ROOT / "PolyCLSlicer")
     one, two = [segment_command(path, folder / "a.nii.gz")], [segment_command(path, folder / f"{n}.nii.gz")
                                                              for n in "bc"]
