@@ -427,6 +427,7 @@ def test_dicom_folder_with_a_ct_series_and_a_seg_object_segments_the_ct(data_dir
 
 def test_batch_rerun_with_nifti_writes_only_the_missing_outputs_and_a_summary(tmp_path, capsys, single_torch_thread):
     pytest.importorskip("slicer")
+    pytest.importorskip("distributed", reason="Dask distributed is not installed (pip install -r requirements.txt)")
     import csv
     import importlib.util
 
