@@ -66,10 +66,13 @@ def cohort(data_dir, labeled_case, tmp_path_factory) -> Path:
 def test_batch_matches_segment_and_reports_a_broken_input(cohort, tmp_path):
     """Every good case's mask is voxel-identical to `polycl segment`'s; the corrupt file is FAILED with the
     reader's message and the batch exits 1; the pelvis is 'no liver' with an empty mask; the DICOM series gets
-    a DICOM SEG; each row names its worker and that worker's torch threads."""
+    a DICOM SEG; each row names its worker and the torch threads it ran with: the 2 cores Dask gave it (Dask's
+    nanny sets OMP_NUM_THREADS=1 in every worker; the warm-model plugin must set torch's threads)."""
     out = tmp_path / "out"
-    done = polycl("batch", str(cohort), "-o", str(out), "--workers", "2", "--threads-per-worker", "1",
-                  "--format", "nii.gz", "--format", "seg.nrrd", "--no-progress")
+    env = {key: value for key, value in ENV.items() if key not in ("POLYCL_THREADS", "OMP_NUM_THREADS")}
+    done = subprocess.run([sys.executable, "-m", "polycl.cli", "batch", str(cohort), "-o", str(out), "--workers",
+                           "2", "--threads-per-worker", "2", "--format", "nii.gz", "--format", "seg.nrrd",
+                           "--no-progress"], capture_output=True, text=True, timeout=240, env=env)
     assert done.returncode == 1, done.stdout + done.stderr
     assert "5 of 6 processed, 0 skipped (outputs exist), 1 failed, 1 with no liver found" in done.stdout
     rows = summary_rows(out)
@@ -78,7 +81,7 @@ def test_batch_matches_segment_and_reports_a_broken_input(cohort, tmp_path):
     assert "no liver found" in rows["d_pelvis.nii.gz"]["warnings"]
     assert "field of view" in rows["c_wide.nrrd"]["warnings"]  # the engine's notes reach the summary
     assert {row["status"] for name, row in rows.items() if name[0] in "abce"} == {"ok"}
-    assert all(row["worker"].endswith("(1 threads)") and row["attempts"] == "1" for row in rows.values())
+    assert all(row["worker"].endswith("(2 threads)") and row["attempts"] == "1" for row in rows.values())
     for name, stem in (("a_sm.nii.gz", "a_sm"), ("c_wide.nrrd", "c_wide"), ("e_series", "e_series")):
         reference = tmp_path / f"{stem}_segment.nii.gz"
         single = polycl("segment", str(cohort / name), "-o", str(reference))
@@ -200,3 +203,26 @@ def test_local_cluster_size_follows_cpus_and_memory():
     assert local_size(threads_per_worker=2, cpus=8, memory_bytes=64 * GIB) == (4, 2)
     with pytest.raises(ValueError, match="at least 1"):
         local_size(workers=0, threads_per_worker=1, cpus=2, memory_bytes=GIB)
+
+
+def test_a_case_whose_worker_died_every_time_is_failed_with_its_attempts(tmp_path):
+    """Past --retries, Dask gives up with KilledWorker: the row is FAILED, says the worker died (killed or out
+    of memory) and counts the attempts the workers recorded; the record is then removed."""
+    from distributed.scheduler import KilledWorker
+
+    from polycl.batch.cases import attempts_file, plan_cases
+    from polycl.batch.runner import finished_row
+    from polycl.batch.work import record_attempt
+
+    (tmp_path / "big.nii.gz").write_bytes(b"")
+    (case,) = plan_cases([tmp_path / "big.nii.gz"], tmp_path / "out", ["nii.gz"])
+    for pid in (11, 12, 13):
+        record_attempt(case, f"0@node:{pid}")
+
+    class Future:
+        def result(self):
+            raise KilledWorker("polycl-case-0-big", "tcp://10.0.0.7:40000", 3)
+
+    row = finished_row(case, Future())
+    assert row.status == "FAILED" and row.attempts == "3" and "died on each of 3 attempts" in row.warnings
+    assert "out of memory" in row.warnings and not attempts_file(case).exists()

@@ -22,6 +22,7 @@ GIB = 1024**3
 WORKER_MEMORY_GIB = 4  # one 512x512x300 CT in flight (int16 read, float32 canonical copy, masks) plus the model
 DEFAULT_THREADS_PER_WORKER = 1  # bench/batch.py: on 2 cores, 2 one-thread workers beat 1 two-thread worker
 WORKER_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}  # idle OpenMP threads sleep (issue 25): workers share the cores
+# (torch's thread count is set by the WarmModels plugin from the worker's threads, on every kind of cluster)
 
 
 @dataclass(frozen=True)
@@ -63,7 +64,7 @@ def local_cluster(workers: int, threads_per_worker: int, retries: int) -> Any:
     with dask.config.set({"distributed.scheduler.allowed-failures": retries}):
         return LocalCluster(n_workers=workers, threads_per_worker=threads_per_worker, processes=True,
                             resources={RESOURCE: 1}, dashboard_address=None, silence_logs=logging.ERROR,
-                            env={**WORKER_ENV, "OMP_NUM_THREADS": str(threads_per_worker)})
+                            env=dict(WORKER_ENV))
 
 
 def jobqueue_cluster(system: str, retries: int = 2, **job: Any) -> Any:
