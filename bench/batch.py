@@ -3,8 +3,11 @@ LocalCluster with 1 worker (2 threads) and 2 workers (1 thread each), then a fau
 
 Run:  nice -n 10 .venv/bin/python bench/batch.py [--data DIR] [--rounds 2]
 
-The cohort is 12 real CTs: the 6 larger CTs of the shared data (ircad01, chaos_ctset3, the two pyradiomics
-chests, the TotalSegmentator CTA and s0009), each twice under another name.  Each configuration runs the whole
+Configurations: `polycl segment` once per file (the baseline; default threads and OpenMP wait policy), the same
+with ``OMP_WAIT_POLICY=PASSIVE`` (what the batch workers use: separates the warm model from the wait policy),
+and `polycl batch` with 1 and 2 workers (``--configs`` picks some).  The cohort is 12 real CTs: the 6 larger
+CTs of the shared data (ircad01, chaos_ctset3, the two pyradiomics chests, the TotalSegmentator CTA and s0009),
+each twice under another name.  Each configuration runs the whole
 cohort into an empty folder; the rounds alternate the order (A B C, C B A, ...) and the best wall time of each
 is kept.  CPU-seconds are the user + system time of the command and all its processes (workers included,
 ``RUSAGE_CHILDREN``).  The fault run starts `polycl batch` with 2 workers and kill -9s the worker that is
@@ -35,10 +38,13 @@ SOURCES = ("unlabeled/ircad01_ct.nii.gz", "labeled-extra/chaos_ctset3_ct.nii.gz"
            "unlabeled/pyradiomics_lung1_ct.nrrd", "unlabeled/pyradiomics_lung2_ct.nrrd",
            "unlabeled/totalseg_aorta_cta_ct.nii.gz", "labeled-extra/totalsegds_s0009_ct.nii.gz")
 POLYCL = [sys.executable, "-m", "polycl.cli"]
-CONFIGS = {
-    "serial `polycl segment` per file (2 threads)": None,
-    "`polycl batch`, 1 worker x 2 threads": ["--workers", "1", "--threads-per-worker", "2"],
-    "`polycl batch`, 2 workers x 1 thread": ["--workers", "2", "--threads-per-worker", "1"],
+SERIAL = "serial `polycl segment` per file (2 threads)"
+SERIAL_PASSIVE = "serial `polycl segment` per file, OMP_WAIT_POLICY=PASSIVE (as the workers)"
+CONFIGS = {  # name: `polycl batch` options (None: `polycl segment` per file), extra environment
+    SERIAL: (None, {}),
+    SERIAL_PASSIVE: (None, {"OMP_WAIT_POLICY": "PASSIVE"}),
+    "`polycl batch`, 1 worker x 2 threads": (["--workers", "1", "--threads-per-worker", "2"], {}),
+    "`polycl batch`, 2 workers x 1 thread": (["--workers", "2", "--threads-per-worker", "1"], {}),
 }
 
 
@@ -78,11 +84,12 @@ def run_batch(cohort: Path, out: Path, env: dict, options: list[str]) -> str:
 
 def measure(name: str, cases: list[Path], cohort: Path, out: Path, env: dict) -> tuple[float, float]:
     """(wall seconds, CPU seconds) of one configuration over the whole cohort."""
+    options, extra = CONFIGS[name]
     cpu, started = children_cpu(), time.perf_counter()
-    if CONFIGS[name] is None:
-        run_serial(cases, out, env)
+    if options is None:
+        run_serial(cases, out, {**env, **extra})
     else:
-        run_batch(cohort, out, env, CONFIGS[name])
+        run_batch(cohort, out, {**env, **extra}, options)
     return time.perf_counter() - started, children_cpu() - cpu
 
 
@@ -117,6 +124,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default=None)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--configs", type=int, nargs="+", default=list(range(len(CONFIGS))),
+                        help="which configurations (0-based, in the table's order; 0 is the baseline)")
+    parser.add_argument("--no-fault", action="store_true", help="skip the fault-injection run")
     args = parser.parse_args()
     print(machine(), flush=True)
     work = Path(tempfile.mkdtemp(prefix="polycl-batch-bench-"))
@@ -127,10 +137,10 @@ def main() -> int:
     env = {key: value for key, value in os.environ.items() if key not in ("OMP_NUM_THREADS", "POLYCL_THREADS")}
     env["PYTHONPATH"] = str(ROOT / "PolyCLSlicer")
     best: dict[str, tuple[float, float]] = {}
-    names = list(CONFIGS)
+    names = [list(CONFIGS)[i] for i in sorted(set(args.configs) | {0})]
     for round_number in range(args.rounds):
         for name in names if round_number % 2 == 0 else names[::-1]:
-            out = work / f"out-{names.index(name)}-{round_number}"
+            out = work / f"out-{list(CONFIGS).index(name)}-{round_number}"
             wall, cpu = measure(name, cases, cohort, out, env)
             print(f"  round {round_number + 1}: {name}: {wall:.1f} s wall, {cpu:.1f} CPU-s (load {load()})",
                   flush=True)
@@ -142,6 +152,9 @@ def main() -> int:
     for name, (wall, cpu) in best.items():
         print(f"| {name} | {wall:.1f} | {12 * 60 / wall:.2f} | {cpu / 12:.1f} | {serial_wall / wall:.2f}x |")
 
+    if args.no_fault:
+        shutil.rmtree(work)
+        return 0
     serial_out = work / "out-0-0"
     fault_out = work / "fault"
     wall, rows = fault_run(cohort, fault_out, env)

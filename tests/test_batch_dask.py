@@ -197,10 +197,11 @@ def test_slurm_job_script_runs_one_case_per_worker_with_its_cores(monkeypatch):
 def test_local_cluster_size_follows_cpus_and_memory():
     from polycl.batch.cluster import GIB, local_size
 
-    assert local_size(cpus=2, memory_bytes=24 * GIB) == (2, 1)
-    assert local_size(cpus=16, memory_bytes=16 * GIB) == (4, 1)  # 4 GiB per worker
+    assert local_size(cpus=2, memory_bytes=24 * GIB) == (1, 2)  # workers of 2 threads (bench/batch.py)
+    assert local_size(cpus=1, memory_bytes=24 * GIB) == (1, 1)
+    assert local_size(cpus=32, memory_bytes=16 * GIB) == (4, 2)  # 4 GiB per worker
     assert local_size(workers=2, cpus=8, memory_bytes=64 * GIB) == (2, 4)
-    assert local_size(threads_per_worker=2, cpus=8, memory_bytes=64 * GIB) == (4, 2)
+    assert local_size(threads_per_worker=1, cpus=8, memory_bytes=64 * GIB) == (8, 1)
     with pytest.raises(ValueError, match="at least 1"):
         local_size(workers=0, threads_per_worker=1, cpus=2, memory_bytes=GIB)
 

@@ -20,7 +20,7 @@ from .work import PLUGIN_NAME, RESOURCE, WarmModels
 JOBQUEUE_SYSTEMS = ("slurm", "pbs", "lsf", "sge")
 GIB = 1024**3
 WORKER_MEMORY_GIB = 4  # one 512x512x300 CT in flight (int16 read, float32 canonical copy, masks) plus the model
-DEFAULT_THREADS_PER_WORKER = 1  # bench/batch.py: on 2 cores, 2 one-thread workers beat 1 two-thread worker
+DEFAULT_THREADS_PER_WORKER = 2  # bench/batch.py, 2 cores: 1 worker x 2 threads beat 2 workers x 1 thread
 WORKER_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}  # idle OpenMP threads sleep (issue 25): workers share the cores
 # (torch's thread count is set by the WarmModels plugin from the worker's threads, on every kind of cluster)
 

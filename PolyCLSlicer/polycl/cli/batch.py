@@ -51,7 +51,7 @@ def add_batch_command(subparsers: argparse._SubParsersAction) -> None:
     where.add_argument("--scheduler", metavar="tcp://HOST:PORT", help="an existing Dask scheduler")
     where.add_argument("--workers", type=int, help="local worker processes (default: the usable CPUs / threads "
                        "per worker, capped at one per 4 GiB of memory)")
-    where.add_argument("--threads-per-worker", type=int, help="local: torch threads of each worker (default: 1, "
+    where.add_argument("--threads-per-worker", type=int, help="local: torch threads of each worker (default: 2, "
                        "or the usable CPUs / --workers)")
     where.add_argument("--retries", type=int, default=2, help="times a case is retried on another worker when its "
                        "worker dies (killed, out of memory)")
