@@ -48,11 +48,11 @@ CONFIGS = {  # name: `polycl batch` options (None: `polycl segment` per file), e
 }
 
 
-def make_cohort(data: Path, folder: Path) -> list[Path]:
-    """12 CT files: each source twice (copies, so that every case reads its own file)."""
+def make_cohort(data: Path, folder: Path, copies: int = 2) -> list[Path]:
+    """Each source ``copies`` times (copies, so that every case reads its own file): 12 CT files by default."""
     folder.mkdir(parents=True)
     cases = []
-    for copy in range(2):
+    for copy in range(copies):
         for number, source in enumerate(SOURCES):
             suffix = ".nrrd" if source.endswith(".nrrd") else ".nii.gz"
             target = folder / f"case{copy * len(SOURCES) + number + 1:02d}{suffix}"
@@ -127,13 +127,15 @@ def main() -> int:
     parser.add_argument("--configs", type=int, nargs="+", default=list(range(len(CONFIGS))),
                         help="which configurations (0-based, in the table's order; 0 is the baseline)")
     parser.add_argument("--no-fault", action="store_true", help="skip the fault-injection run")
+    parser.add_argument("--cases", type=int, default=12, choices=(6, 12), help="6: each CT once")
     args = parser.parse_args()
     print(machine(), flush=True)
     work = Path(tempfile.mkdtemp(prefix="polycl-batch-bench-"))
     cohort = work / "cohort"
-    cases = make_cohort(data_root(args.data), cohort)
+    cases = make_cohort(data_root(args.data), cohort, args.cases // len(SOURCES))
     slices = [read_volume(case).array.shape for case in cases[: len(SOURCES)]]
-    print("cohort: 12 CTs = " + ", ".join("x".join(map(str, shape)) for shape in slices) + " (each twice)")
+    print(f"cohort: {len(cases)} CTs = " + ", ".join("x".join(map(str, shape)) for shape in slices)
+          + (" (each twice)" if len(cases) > len(SOURCES) else ""))
     env = {key: value for key, value in os.environ.items() if key not in ("OMP_NUM_THREADS", "POLYCL_THREADS")}
     env["PYTHONPATH"] = str(ROOT / "PolyCLSlicer")
     best: dict[str, tuple[float, float]] = {}
@@ -147,10 +149,11 @@ def main() -> int:
             if name not in best or wall < best[name][0]:
                 best[name] = (wall, cpu)
     serial_wall = best[names[0]][0]
-    print(f"\n| configuration (12 CTs, best of {args.rounds}) | wall s | cases / min | CPU-s / case | "
+    count = len(cases)
+    print(f"\n| configuration ({count} CTs, best of {args.rounds}) | wall s | cases / min | CPU-s / case | "
           "speed-up vs serial |\n|---|---|---|---|---|")
     for name, (wall, cpu) in best.items():
-        print(f"| {name} | {wall:.1f} | {12 * 60 / wall:.2f} | {cpu / 12:.1f} | {serial_wall / wall:.2f}x |")
+        print(f"| {name} | {wall:.1f} | {count * 60 / wall:.2f} | {cpu / count:.1f} | {serial_wall / wall:.2f}x |")
 
     if args.no_fault:
         shutil.rmtree(work)
@@ -162,7 +165,7 @@ def main() -> int:
                  read_mask(serial_out / f"{case.name.split('.')[0]}_liver.nii.gz").array.tobytes()
                  for case in cases]
     retried = {stem: row["attempts"] for stem, row in rows.items() if row["attempts"] != "1"}
-    print(f"\nfault injection (2 workers, kill -9 mid-case): {wall:.1f} s wall; {sum(identical)}/12 outputs "
+    print(f"\nfault injection (2 workers, kill -9 mid-case): {wall:.1f} s wall; {sum(identical)}/{len(cases)} outputs "
           f"voxel-identical to the serial run; attempts > 1 in summary.csv: {retried or 'none'}; "
           f"statuses: {sorted({row['status'] for row in rows.values()})} (load {load()})")
     shutil.rmtree(work)
