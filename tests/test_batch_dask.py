@@ -64,7 +64,8 @@ def cohort(data_dir, labeled_case, tmp_path_factory) -> Path:
 
 
 def test_batch_matches_segment_and_reports_a_broken_input(cohort, tmp_path):
-    """Every good case's mask is voxel-identical to `polycl segment`'s; the corrupt file is FAILED with the
+    """Every good case's mask is voxel-identical to `polycl segment`'s (and a DICOM SEG made through a running
+    scheduler, --scheduler, holds the same mask); the corrupt file is FAILED with the
     reader's message and the batch exits 1; the pelvis is 'no liver' with an empty mask; the DICOM series gets
     a DICOM SEG; each row names its worker and the torch threads it ran with: the 2 cores Dask gave it (Dask's
     nanny sets OMP_NUM_THREADS=1 in every worker; the warm-model plugin must set torch's threads)."""
@@ -91,11 +92,17 @@ def test_batch_matches_segment_and_reports_a_broken_input(cohort, tmp_path):
         assert float(rows[name]["liver_ml"]) > 0
     assert not any(p.name.startswith(".") for p in out.iterdir())  # no temporaries, no attempt records left
 
-    dicom = polycl("batch", str(cohort / "e_series"), "-o", str(out), "--format", "dcm", "--workers", "1",
-                   "--no-progress", "--json")
+    from distributed import Client, LocalCluster  # a running cluster: `--scheduler tcp://HOST:PORT`
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, resources={"polycl": 1}, dashboard_address=None) as running:
+        with Client(running) as client:
+            pids = {str(pid) for pid in client.run(os.getpid).values()}
+        dicom = polycl("batch", str(cohort / "e_series"), "-o", str(out), "--format", "dcm", "--scheduler",
+                       running.scheduler_address, "--no-progress", "--json")
     assert dicom.returncode == 0, dicom.stderr
     (row,) = json.loads(dicom.stdout)["cases"]
     assert row["status"] == "ok" and row["output"] == "e_series_liver.dcm"
+    assert row["worker"].split()[0].rsplit(":", 1)[1] in pids  # one of that cluster's workers did it
     assert same_mask(out / "e_series_liver.dcm", out / "e_series_liver.nii.gz")  # DICOM SEG read back
 
 
