@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -64,7 +65,7 @@ def local_cluster(workers: int, threads_per_worker: int, retries: int) -> Any:
     with dask.config.set({"distributed.scheduler.allowed-failures": retries}):
         return LocalCluster(n_workers=workers, threads_per_worker=threads_per_worker, processes=True,
                             resources={RESOURCE: 1}, dashboard_address=None, silence_logs=logging.ERROR,
-                            env=dict(WORKER_ENV))
+                            env={**WORKER_ENV, **{k: os.environ[k] for k in WORKER_ENV if k in os.environ}})
 
 
 def jobqueue_cluster(system: str, retries: int = 2, **job: Any) -> Any:
