@@ -65,6 +65,28 @@ def thread_count(requested: int | None = None, environ: Mapping[str, str] = os.e
     return usable if usable is not None else usable_cpus()
 
 
+SHORT_SPIN = "10000"  # libgomp's default spin before sleeping is 300000 when no wait policy is set
+
+
+def openmp_wait_defaults(environ: Mapping[str, str] = os.environ) -> dict[str, str]:
+    """Environment defaults for OpenMP's idle threads of a command-line process: a short spin before sleeping
+    (``GOMP_SPINCOUNT``, read by libgomp, the OpenMP of torch's Linux wheels) unless the environment sets a
+    wait policy or a spin count itself.  bench/contention.py (512x512x119 segment, load 2-3): alone 4.12 s vs
+    4.07 s with libgomp's default, two at once 1.65x vs 2.02x; ``OMP_WAIT_POLICY=PASSIVE`` (the worker's
+    setting) 1.21x but 4.56 s alone."""
+    if environ.get("OMP_WAIT_POLICY") or environ.get("GOMP_SPINCOUNT"):
+        return {}
+    return {"GOMP_SPINCOUNT": SHORT_SPIN}
+
+
+def configure_openmp_wait(environ: os._Environ | dict[str, str] = os.environ) -> dict[str, str]:
+    """Apply :func:`openmp_wait_defaults` to ``environ``; effective only before the OpenMP runtime loads (torch's
+    import), and inherited by child processes.  Returns what was set."""
+    defaults = openmp_wait_defaults(environ)
+    environ.update(defaults)
+    return defaults
+
+
 decided: int | None = None  # this process's decision (configure_threads), applied when torch is imported
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..threads import configure_threads
+from ..threads import configure_openmp_wait, configure_threads
 from .common import (
     EXIT_ERROR,
     ArgumentParser,
@@ -288,6 +288,8 @@ def main(argv: list[str] | None = None) -> int:
     args.argv = argv
     try:
         configure_threads(args.threads)
+        if args.command != "batch":  # batch's Dask workers sleep at once (OMP_WAIT_POLICY=PASSIVE, no spin count)
+            configure_openmp_wait()  # before torch's import: libgomp reads it when it loads
     except ValueError as error:
         print(f"polycl: error: {error}", file=sys.stderr)
         return EXIT_ERROR
