@@ -134,6 +134,20 @@ class _Process:
             except subprocess.TimeoutExpired:
                 continue
         self._kill_tree()  # whatever the launcher left behind (its child, the worker's own children)
+        self._wait_tree_gone()
+
+    def _wait_tree_gone(self, timeout: float = 2.0) -> None:
+        """Return once no process of the group is left (a SIGKILLed worker with a large heap takes a moment to
+        go), so that its hand-over folder is removed only when nothing can write into it; at most ``timeout``."""
+        if WINDOWS:
+            return
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                os.killpg(self.group, 0)
+            except (ProcessLookupError, PermissionError):
+                return
+            time.sleep(0.01)
 
     def _close_stdin(self) -> None:
         try:
