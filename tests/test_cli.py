@@ -113,7 +113,11 @@ def test_non_ct_range_is_refused_then_allowed_with_a_warning(tmp_path, capsys, t
     err = run_error(capsys, argv)
     assert "Hounsfield" in err and "--allow-non-ct" in err
     assert main(argv + ["--allow-non-ct"]) == 0
-    assert "warning" in capsys.readouterr().err and (tmp_path / "o.nii.gz").exists()
+    err = capsys.readouterr().err
+    assert err.count("Hounsfield") == 1 and (tmp_path / "o.nii.gz").exists()  # said once, not again by the engine
+    assert main(argv + ["--allow-non-ct", "--overwrite", "--json"]) == 0
+    warned = json.loads(capsys.readouterr().out)["warnings"]
+    assert len([note for note in warned if "Hounsfield" in note]) == 1
 
 
 def test_existing_output_is_not_overwritten(tmp_path, capsys, tiny_checkpoint):

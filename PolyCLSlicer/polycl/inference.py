@@ -110,15 +110,16 @@ class Segmenter:
 
     def segment(self, array: np.ndarray, ijk_to_ras: np.ndarray, batch_size: int | None = None,
                 threshold: float = 0.5, largest_component: bool = True, progress: ProgressFn = no_progress,
-                cancel: CancelFlag | None = None, probability: bool = False, check_liver: bool = True
-                ) -> SegmentationResult:
+                cancel: CancelFlag | None = None, probability: bool = False, check_liver: bool = True,
+                input_notes: list[str] | None = None) -> SegmentationResult:
         """Segment the liver in a CT volume given as [i, j, k] HU array + IJK->RAS matrix.
 
         The float32 probability map is kept only when ``probability`` is asked for (else None).  With
         ``check_liver`` the mask is judged (``polycl.presence``): no liver in view empties it, an implausible
-        one is flagged; either way ``warnings`` says so.
+        one is flagged; either way ``warnings`` says so.  ``input_notes``: the caller's own ``validate_ct`` notes
+        on ``array`` (the volume is then not checked again; they lead ``warnings``).
         """
-        notes = validate_ct(array)
+        notes = validate_ct(array) if input_notes is None else list(input_notes)
         orientation = CanonicalOrientation.from_matrix(ijk_to_ras)
         canonical = orientation.to_canonical(array)
         view, view_notes = self.field_of_view(canonical, ijk_to_ras, orientation)

@@ -94,3 +94,14 @@ def validate_ct(array: np.ndarray, name: str = "volume") -> list[str]:
                if np.issubdtype(array.dtype, np.unsignedinteger) and low >= 0 and high > 1000 else "")
         )
     return notes
+
+
+def check_ct(array: np.ndarray, name: str, allow_non_ct: bool, action: str = "segment") -> list[str]:
+    """:func:`validate_ct` as the commands apply it: a label mask is always refused, an odd intensity range
+    unless ``allow_non_ct`` (then it stays a note); returns the notes left to report."""
+    notes = validate_ct(array, name)
+    if notes and LABEL_NOTE in notes[0]:
+        raise InputVolumeError(notes[0])  # no flag makes a mask segmentable
+    if notes and not allow_non_ct:
+        raise InputVolumeError(f"{notes[0]}; pass --allow-non-ct to {action} anyway")
+    return notes

@@ -164,19 +164,16 @@ def torch_threads() -> int:
 def segment_case(case: Case, settings: Settings, warm: WarmModels) -> CaseResult:
     """``polycl segment``'s rules on one case: the same checks, model, liver check, refinement and writers."""
     from ..io.volumes import read_volume
-    from ..preprocessing import LABEL_NOTE, validate_ct
+    from ..preprocessing import check_ct
 
     volume = read_volume(case.input)
-    notes = validate_ct(volume.array, str(case.input))
-    if notes and LABEL_NOTE in notes[0]:
-        raise ValueError(notes[0])
-    if notes and not settings.allow_non_ct:
-        raise ValueError(f"{notes[0]}; pass --allow-non-ct to segment anyway")
+    notes = check_ct(volume.array, str(case.input), settings.allow_non_ct)
     segmenter = warm.models.segmenter(settings.checkpoint, settings.device)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # every note is in result.warnings
-        result = segmenter.segment(volume.array, volume.ijk_to_ras, batch_size=settings.batch_size)
-    notes += [note for note in result.warnings if note not in notes]
+        result = segmenter.segment(volume.array, volume.ijk_to_ras, batch_size=settings.batch_size,
+                                   input_notes=notes)
+    notes = result.warnings
     mask = result.mask
     refiner = None
     if settings.refine != "none" and mask.any():

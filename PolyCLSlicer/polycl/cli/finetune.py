@@ -119,16 +119,12 @@ def check_context_option(config) -> None:
 
 def _read_pairs(pairs: list[tuple[Path, Path]], allow_non_ct: bool) -> list:
     from ..io.volumes import read_mask, read_volume
-    from ..preprocessing import LABEL_NOTE, validate_ct
+    from ..preprocessing import check_ct
 
     volumes = []
     for image_path, label_path in pairs:
         volume = read_volume(image_path)
-        notes = validate_ct(volume.array, str(image_path))
-        if notes and LABEL_NOTE in notes[0]:
-            raise ValueError(notes[0])
-        if notes and not allow_non_ct:
-            raise ValueError(f"{notes[0]}; pass --allow-non-ct to train on it anyway")
+        check_ct(volume.array, str(image_path), allow_non_ct, action="train on it")
         mask = read_mask(label_path, volume)
         if not mask.array.any():
             raise ValueError(f"{label_path}: the label is empty (no liver voxels); draw the liver or leave "

@@ -53,7 +53,7 @@ def _check_segment_args(args: argparse.Namespace) -> None:
 def command_segment(args: argparse.Namespace) -> int:
     from ..inference import Segmenter
     from ..io.volumes import read_mask, read_volume, write_volume
-    from ..preprocessing import LABEL_NOTE, validate_ct
+    from ..preprocessing import check_ct
     from .outputs import model_identity, write_outputs
     from .sam import build_refiner_from_args, review_json, run_refinement
 
@@ -62,11 +62,7 @@ def command_segment(args: argparse.Namespace) -> int:
     segmenter = Segmenter.from_checkpoint(args.checkpoint, args.device)
     refiner = build_refiner_from_args(args)  # None without --refine; checks its checkpoint first
     volume = read_volume(args.input, series=args.series)
-    notes = validate_ct(volume.array, str(args.input))
-    if notes and LABEL_NOTE in notes[0]:
-        raise CliError(notes[0])  # no flag makes a mask segmentable
-    if notes and not args.allow_non_ct:
-        raise CliError(f"{notes[0]}; pass --allow-non-ct to segment anyway")
+    notes = check_ct(volume.array, str(args.input), args.allow_non_ct)
     for note in notes:
         print(f"polycl: warning: {note}", file=sys.stderr)
     reference = read_mask(args.reference, volume) if args.reference else None
@@ -77,7 +73,8 @@ def command_segment(args: argparse.Namespace) -> int:
             warnings.simplefilter("ignore")  # already reported above
             result = segmenter.segment(volume.array, volume.ijk_to_ras, batch_size=args.batch_size,
                                        largest_component=not args.no_largest_component, progress=progress,
-                                       probability=bool(args.probability), check_liver=not args.no_largest_component)
+                                       probability=bool(args.probability), check_liver=not args.no_largest_component,
+                                       input_notes=notes)
     finally:
         close()
     clock.lap("segment")

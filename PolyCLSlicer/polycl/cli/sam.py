@@ -117,7 +117,7 @@ def command_propagate(args: argparse.Namespace) -> int:
     from .. import __version__
     from ..io.base import MASK_SUFFIXES
     from ..io.volumes import read_mask, read_volume
-    from ..preprocessing import LABEL_NOTE, validate_ct
+    from ..preprocessing import check_ct
     from ..sam.propagation import StopRules, propagate_from_annotation
     from .common import check_input_path, check_output_path, tqdm_progress
     from .outputs import DICOM_SUFFIXES, check_extra_outputs, write_outputs
@@ -131,9 +131,7 @@ def command_propagate(args: argparse.Namespace) -> int:
         raise ValueError("--engine sam2 needs --sam2-checkpoint FILE (its weights are not bundled)")
     check_extra_outputs(args, inputs)  # --dicom-seg / -o .dcm (needs a DICOM series input), --overlay
     volume = read_volume(args.input, series=args.series)
-    for note in validate_ct(volume.array, str(args.input)):  # broken CTs raise; odd ones are a warning
-        if LABEL_NOTE in note:
-            raise ValueError(note)
+    for note in check_ct(volume.array, str(args.input), allow_non_ct=True):  # odd ranges are only a warning
         print(f"polycl: warning: {note}", file=sys.stderr)
     annotation = read_mask(args.annotation, volume)
     guide = read_mask(args.guide, volume).array if args.guide else None
