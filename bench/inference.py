@@ -52,18 +52,30 @@ def run_cli(argv: list[str], package: Path = ROOT / "PolyCLSlicer") -> tuple[flo
     return seconds, rss
 
 
+def polycl_process(argv: list[str], package: Path = ROOT / "PolyCLSlicer", env: dict[str, str] | None = None
+                   ) -> tuple[float, float, float, str, str]:
+    """One ``python -m polycl.cli`` process (the polycl package found under ``package``): wall seconds, peak RSS
+    (MiB), CPU seconds (user + system, all threads), stdout and stderr; RuntimeError when it fails."""
+    started = time.perf_counter()
+    with tempfile.TemporaryFile() as stdout:  # a file, not a pipe: stderr is read to its end meanwhile
+        process = subprocess.Popen([sys.executable, "-m", "polycl.cli", *argv], stdout=stdout, stderr=subprocess.PIPE,
+                                   env={**(env or os.environ), "PYTHONPATH": str(package)})
+        error = process.stderr.read().decode()
+        _, status, usage = os.wait4(process.pid, 0)  # the child's own rusage: its peak RSS
+        seconds = time.perf_counter() - started
+        stdout.seek(0)
+        output = stdout.read().decode()
+    process.stderr.close()
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise RuntimeError(f"polycl {' '.join(argv[:1])} failed: {error[-600:]}")
+    return seconds, usage.ru_maxrss / 1024, usage.ru_utime + usage.ru_stime, output, error
+
+
 def run_cli_detailed(argv: list[str], package: Path = ROOT / "PolyCLSlicer") -> tuple[float, float, float, dict]:
     """Wall seconds, peak RSS (MiB), CPU seconds (user + system, all threads) and the ``--json`` step laps."""
-    started = time.perf_counter()
-    process = subprocess.Popen([sys.executable, "-m", "polycl.cli", *argv], stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(package)})
-    output = process.stdout.read()
-    _, status, usage = os.wait4(process.pid, 0)
-    seconds = time.perf_counter() - started
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise RuntimeError(process.stderr.read().decode())
+    seconds, rss, cpu, output, _ = polycl_process(argv, package)
     laps = json.loads(output).get("seconds", {}) if "--json" in argv else {}
-    return seconds, usage.ru_maxrss / 1024, usage.ru_utime + usage.ru_stime, laps
+    return seconds, rss, cpu, laps
 
 
 def baseline_package(commit: str, work: Path) -> Path | None:

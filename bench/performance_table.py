@@ -34,7 +34,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ROOT, data_root, machine  # noqa: E402  (also puts polycl on sys.path)
-from inference import baseline_package, cut_119, matmul_peak  # noqa: E402
+from inference import baseline_package, cut_119, matmul_peak, polycl_process  # noqa: E402
 
 from polycl.io.volumes import read_volume, write_volume  # noqa: E402
 
@@ -53,18 +53,6 @@ def cpu_flags() -> str:
     return " ".join(f"{flag}{'+' if flag in present else '-'}" for flag in wanted)
 
 
-def run(argv: list[str], package: Path, env: dict[str, str] | None = None) -> tuple[float, float, str]:
-    """Wall seconds, peak RSS (MiB) and stderr of one ``python -m polycl.cli`` process."""
-    started = time.perf_counter()
-    process = subprocess.Popen([sys.executable, "-m", "polycl.cli", *argv], stdout=subprocess.DEVNULL,
-                               stderr=subprocess.PIPE, env={**(env or os.environ), "PYTHONPATH": str(package)})
-    error = process.stderr.read().decode()
-    _, status, usage = os.wait4(process.pid, 0)
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise RuntimeError(f"polycl {' '.join(argv[:1])} failed: {error[-600:]}")
-    return time.perf_counter() - started, usage.ru_maxrss / 1024, error
-
-
 def segment_argv(ct: Path, out: Path, *extra: str) -> list[str]:
     return ["segment", str(ct), "-o", str(out), "--overwrite", "--device", "cpu", *extra]
 
@@ -77,7 +65,7 @@ def end_to_end(packages: dict[str, Path], ct: Path, work: Path, repeats: int) ->
     walls: dict[str, list[float]] = {label: [] for label in packages}
     for _ in range(repeats):
         for label, package in packages.items():
-            walls[label].append(run(segment_argv(ct, work / f"{label}.nii.gz"), package)[0])
+            walls[label].append(polycl_process(segment_argv(ct, work / f"{label}.nii.gz"), package)[0])
     best = {label: min(values) for label, values in walls.items()}
     row(f"`polycl segment`, end to end, best of {repeats}", f"{best['baseline']:.2f} s", f"{best['shipped']:.2f} s",
         "≤ 2.5 s", f"(all runs: {', '.join(f'{k} ' + '/'.join(f'{v:.1f}' for v in vs) for k, vs in walls.items())})")
@@ -88,7 +76,8 @@ def refine_in_segment(packages: dict[str, Path], ct: Path, work: Path, repeats: 
     counts = {}
     for _ in range(repeats):
         for label, package in packages.items():
-            _, _, error = run(segment_argv(ct, work / f"{label}.nii.gz", "--refine", "litemedsam"), package)
+            *_, error = polycl_process(segment_argv(ct, work / f"{label}.nii.gz", "--refine", "litemedsam"),
+                                      package)
             found = REFINED.search(error)
             if found is None:
                 raise RuntimeError(f"no 'refined N slices' line from the {label} run: {error[-300:]}")
@@ -141,7 +130,8 @@ def ct_300(root: Path, work: Path) -> Path:
 
 def peak_rss(packages: dict[str, Path], root: Path, work: Path) -> None:
     ct = ct_300(root, work)
-    results = {label: run(segment_argv(ct, work / f"{label}300.nii.gz", "--refine", "litemedsam"), package)
+    results = {label: polycl_process(segment_argv(ct, work / f"{label}300.nii.gz", "--refine", "litemedsam"),
+                                      package)
                for label, package in packages.items()}
     row("peak RSS, segment + refine, 512×512×300", f"{results['baseline'][1] / 1024:.2f} GiB",
         f"{results['shipped'][1] / 1024:.2f} GiB", "≤ 1.5 GiB",
@@ -158,7 +148,7 @@ def contention(packages: dict[str, Path], ct: Path, work: Path, repeats: int) ->
     for label, (package, extra) in settings.items():
         alone, pair = [], []
         for _ in range(repeats):
-            alone.append(run(segment_argv(ct, work / f"{label}-a.nii.gz"), package, {**env, **extra})[0])
+            alone.append(polycl_process(segment_argv(ct, work / f"{label}-a.nii.gz"), package, {**env, **extra})[0])
             started = time.perf_counter()
             processes = [subprocess.Popen([sys.executable, "-m", "polycl.cli",
                                            *segment_argv(ct, work / f"{label}-{n}.nii.gz")],
