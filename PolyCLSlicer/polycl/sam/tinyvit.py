@@ -7,8 +7,10 @@ one model instance, the forwards of its blocks for equivalent ones that:
 
 * view tokens ``(B, H*W, C)`` as a channels-last image ``(B, C, H, W)`` and back, no copy (the convs
   take and give channels-last, as oneDNN prefers);
-* call :func:`torch.nn.functional.scaled_dot_product_attention` with the relative-position bias as
-  its mask (one fused kernel);
+* run conv + GELU, conv + residual add, linear + GELU and linear + residual add as one oneDNN call each
+  (``torch.ops.mkldnn._convolution_pointwise`` / ``_linear_pointwise``; :func:`fused_ops_available`);
+* scale ``q`` before ``q k^T`` and add the relative-position bias in place (``scaled_dot_product_attention``
+  with the bias as mask was slower here: windows of 49 and 196 tokens);
 * run the neck's ``LayerNorm2d`` as :func:`torch.nn.functional.layer_norm` over the channel axis.
 
 Same arithmetic up to float rounding (``tests/test_tinyvit.py`` compares against the vendored

@@ -23,14 +23,12 @@ def warp_batch(images: torch.Tensor, masks: torch.Tensor, theta: torch.Tensor) -
     return both[:, :channels], (both[:, channels:] > 0.5).to(masks.dtype)
 
 
-
 def organ_contrast(images: torch.Tensor, masks: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """Add each sample's offset (window units) inside its organ mask, as a contrast phase changes the organ's
     enhancement and not its neighbours'.  The mask is softened over 3 px (a 3x3 box filter) so the change
     does not draw a step exactly on the label border; every input channel (2.5D neighbours) gets it."""
     soft = F.avg_pool2d(masks.to(images.dtype), 3, stride=1, padding=1, count_include_pad=False)
     return images + offsets[:, None, None, None] * soft
-
 
 
 def field_of_view_crop(images: torch.Tensor, masks: torch.Tensor, generator: torch.Generator, probability: float,
