@@ -27,6 +27,14 @@ def labelled_files(data: Path, case: str) -> tuple[Path, Path]:
     return folder / f"{case}_ct.nii.gz", folder / f"{case}_liver.nii.gz"
 
 
+def missed_and_false_pct(prediction, reference) -> tuple[float, float]:
+    """(FN %, FP %): reference voxels the prediction missed and predicted voxels outside the reference, both in %
+    of the reference's voxels."""
+    predicted, liver = prediction > 0, reference > 0
+    total = max(int(liver.sum()), 1)
+    return 100.0 * int((liver & ~predicted).sum()) / total, 100.0 * int((predicted & ~liver).sum()) / total
+
+
 def machine() -> str:
     """CPU model, cores, torch version and threads, bf16 support, current load."""
     cpu = platform.processor() or "unknown CPU"

@@ -26,7 +26,14 @@ import torch
 from scipy import ndimage
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import CASES, EXTRA_CASES, data_root, labelled_files, machine  # noqa: E402  (polycl on sys.path)
+from common import (  # noqa: E402  (polycl on sys.path)
+    CASES,
+    EXTRA_CASES,
+    data_root,
+    labelled_files,
+    machine,
+    missed_and_false_pct,
+)
 
 from polycl.geometry import CanonicalOrientation, voxel_spacing  # noqa: E402
 from polycl.inference import Segmenter  # noqa: E402
@@ -64,9 +71,8 @@ def to_mask(probability: np.ndarray, slice_mm: float, threshold: float, smoothin
 
 def score(mask: np.ndarray, reference: np.ndarray, matrix: np.ndarray) -> np.ndarray:
     """Dice, HD95 mm, FN %, FP % (of the reference voxels)."""
-    total = reference.sum()
     return np.array([dice(mask, reference), hausdorff(mask, reference, matrix)["hd95_mm"],
-                     100 * (reference & ~mask).sum() / total, 100 * (mask & ~reference).sum() / total])
+                     *missed_and_false_pct(mask, reference)])
 
 
 def fold_checkpoints(folds: Path, overrides: list[str], cases: list[str]) -> dict[str, Path]:

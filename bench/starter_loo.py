@@ -26,7 +26,15 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import CASES, EXTRA_CASES, ROOT, data_root, labelled_files, machine  # noqa: E402  (polycl on sys.path)
+from common import (  # noqa: E402  (polycl on sys.path)
+    CASES,
+    EXTRA_CASES,
+    ROOT,
+    data_root,
+    labelled_files,
+    machine,
+    missed_and_false_pct,
+)
 
 from polycl.inference import Segmenter  # noqa: E402
 from polycl.io.volumes import read_mask, read_volume  # noqa: E402
@@ -99,9 +107,7 @@ def main() -> int:
         segmenter = Segmenter.from_checkpoint(checkpoint, device="cpu")
         mask = segmenter.segment(ct.array, ct.ijk_to_ras).mask
         metrics = evaluate(mask, reference.array, ct.ijk_to_ras)
-        predicted, liver = mask > 0, reference.array > 0
-        metrics["fn_pct"] = 100.0 * int((liver & ~predicted).sum()) / max(int(liver.sum()), 1)
-        metrics["fp_pct"] = 100.0 * int((predicted & ~liver).sum()) / max(int(liver.sum()), 1)
+        metrics["fn_pct"], metrics["fp_pct"] = missed_and_false_pct(mask, reference.array)
         rows.append({"held_out": held_out, "recipe": args.recipe, "architecture": segmenter.card["architecture"],
                      "train_minutes": minutes[held_out], **metrics})
         print(json.dumps(rows[-1]), flush=True)
