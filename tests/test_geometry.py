@@ -68,6 +68,18 @@ def test_canonical_orientation_is_exact_and_world_consistent(reindex):
     np.testing.assert_array_equal(canonical_a, canonical_b)
 
 
+@pytest.mark.parametrize("reindex", ALL_REINDEXINGS, ids=str)
+def test_from_canonical_copy_is_a_straight_copy_of_the_canonical_array(reindex):
+    """The mask handed back holds the volume's voxels in the canonical array's memory order (a straight copy,
+    never a per-voxel reorder); for an axial CT as read (k-major [i, j, k]) that is the CT's own layout, so
+    the writer's transpose back to (k, j, i) is free (tests/test_fast_paths.py checks that on a real CT)."""
+    array = np.random.default_rng(2).random((5, 6, 7))
+    canonical = np.ascontiguousarray(reindex.to_canonical(array))  # the network's canonical output
+    back = reindex.from_canonical_copy(canonical)
+    np.testing.assert_array_equal(back, array)
+    assert back.flags.owndata and not np.shares_memory(back, canonical)
+    assert np.transpose(back, reindex.permutation).flags.c_contiguous
+
 def test_canonical_axes_point_superior_posterior_left():
     matrix = oblique_matrix(angles=(0.3, 0.2, -0.35))
     orientation = CanonicalOrientation.from_matrix(matrix)

@@ -55,6 +55,12 @@ class CanonicalOrientation:
                 array = np.flip(array, axis)
         return np.transpose(array, np.argsort(self.permutation))
 
+    def from_canonical_copy(self, array: np.ndarray) -> np.ndarray:
+        """``from_canonical`` as an array of its own, in the canonical array's memory order (flips undone): a
+        straight copy.  For an axial CT as read ([i, j, k], k-major) that is the CT's own layout, so writing it
+        back needs no transpose; ``np.ascontiguousarray`` would reorder every voxel here and again in the writer."""
+        return np.array(self.from_canonical(array), order="K")
+
     def canonical_matrix(self, ijk_to_ras: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
         """IJK->RAS of the canonical array (useful for writing or checking canonical arrays)."""
         index_map = np.zeros((4, 4))

@@ -22,14 +22,21 @@ def keep_largest_component(mask: np.ndarray) -> np.ndarray:
     """Largest fully connected (26 in 3D) component of a binary mask, as bool.
 
     Labelled by ITK (multi-threaded, no scipy import) inside the mask's bounding box only: a liver
-    fills a small part of a CT, so most of the volume is never scanned.
+    fills a small part of a CT, so most of the volume is never scanned.  The component sizes are counted
+    on the label image in place (no relabelled copy: 4 bytes per voxel of the box less at the peak).
     """
     mask = np.asarray(mask) != 0
     box = bounding_box(mask)
     if box is None:
         return mask
-    crop = sitk.GetImageFromArray(np.ascontiguousarray(mask[box], np.uint8))
-    by_size = sitk.RelabelComponent(sitk.ConnectedComponent(crop, True), 0, True)  # label 1: the largest
+    crop = mask[box]
+    labeller = sitk.ConnectedComponentImageFilter()
+    labeller.FullyConnectedOn()
+    image = labeller.Execute(sitk.GetImageFromArray(crop.view(np.uint8)))
+    labels = sitk.GetArrayViewFromImage(image)  # no copy of the uint32 labels; valid while ``image`` lives
+    sizes = np.zeros(labeller.GetObjectCount() + 1, np.int64)
+    for start in range(0, len(labels), 16):  # the mask's voxels only, in slabs: no full-volume int64 copy
+        sizes += np.bincount(labels[start:start + 16][crop[start:start + 16]], minlength=len(sizes))
     kept = np.zeros_like(mask)
-    kept[box] = sitk.GetArrayFromImage(by_size == 1) != 0
+    kept[box] = labels == np.argmax(sizes[1:]) + 1
     return kept

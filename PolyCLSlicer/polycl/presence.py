@@ -95,7 +95,8 @@ def lateral_position(mask: np.ndarray, ct: np.ndarray, ijk_to_ras: np.ndarray,
         return None
     x_of_index = np.asarray(ijk_to_ras, float)[0, :3]  # RAS x = x_of_index @ ijk + origin: differences only
     lateral_axis = int(np.argmax(np.abs(x_of_index)))
-    edges = (body.take(0, axis=lateral_axis), body.take(-1, axis=lateral_axis))
+    sides = np.moveaxis(body, lateral_axis, 0)  # a view: ndarray.take would copy the whole volume first
+    edges = (sides[0], sides[-1])
     if any(edge.mean() > CUT_BODY_SHARE for edge in edges):
         return None
     part = np.asarray(mask)[tuple(pick)] != 0

@@ -225,6 +225,6 @@ def refine_volume(ct_array: np.ndarray, ijk_to_ras: np.ndarray, coarse_mask: np.
             coarse_pixels=int(coarse[z].sum()), refined_pixels=int(refined[z].sum()), boxes=boxes,
             fallbacks=fallbacks, mean_iou=float(np.mean(ious)) if ious else None,
             center_ras=slice_center_ras(ijk_to_ras, shape, orientation.slice_axis, index)))
-    mask = np.ascontiguousarray(orientation.from_canonical(refined.view(np.uint8)))  # one copy, not two
+    mask = orientation.from_canonical_copy(refined.view(np.uint8))  # one copy, not two
     return RefinementResult(mask=mask, slices=slices, seconds=time.perf_counter() - start_time,
                             cache_hits=refiner.cache.hits - hits0, cache_misses=refiner.cache.misses - misses0)
