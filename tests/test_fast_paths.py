@@ -45,9 +45,11 @@ def test_largest_component_matches_scipy_reference(seed):
     tie[1:4, 1:4, 1:4] = tie[7:10, 7:10, 7:10] = True  # two 27-voxel cubes: the first in raster order wins
     plane = rng.random((50, 40)) > 0.6
     for mask in (volume, tie, plane, np.zeros((5, 5, 5), bool)):
-        kept = keep_largest_component(mask)
-        assert kept.dtype == bool and kept.shape == mask.shape
-        np.testing.assert_array_equal(kept, scipy_largest_component(mask))
+        # any memory layout (a canonical view of a read CT is F-ordered or flipped) and a non-bool mask
+        for layout in (mask, np.asfortranarray(mask), mask[::-1], mask.astype(np.uint8) * 3):
+            kept = keep_largest_component(layout)
+            assert kept.dtype == bool and kept.shape == mask.shape and not np.shares_memory(kept, layout)
+            np.testing.assert_array_equal(kept, scipy_largest_component(layout != 0))
 
 
 def test_segment_without_probability_gives_the_reference_mask_on_real_ct(labeled_case, single_torch_thread):

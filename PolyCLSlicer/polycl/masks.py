@@ -25,10 +25,12 @@ def keep_largest_component(mask: np.ndarray) -> np.ndarray:
     fills a small part of a CT, so most of the volume is never scanned.  The component sizes are counted
     on the label image in place (no relabelled copy: 4 bytes per voxel of the box less at the peak).
     """
-    mask = np.asarray(mask) != 0
+    mask = np.asarray(mask)
+    if mask.dtype != bool:  # a bool mask is used as it is: no volume-sized copy
+        mask = mask != 0
     box = bounding_box(mask)
     if box is None:
-        return mask
+        return np.zeros_like(mask)
     crop = mask[box]
     labeller = sitk.ConnectedComponentImageFilter()
     labeller.FullyConnectedOn()
@@ -38,5 +40,5 @@ def keep_largest_component(mask: np.ndarray) -> np.ndarray:
     for start in range(0, len(labels), 16):  # the mask's voxels only, in slabs: no full-volume int64 copy
         sizes += np.bincount(labels[start:start + 16][crop[start:start + 16]], minlength=len(sizes))
     kept = np.zeros_like(mask)
-    kept[box] = labels == np.argmax(sizes[1:]) + 1
+    np.equal(labels, np.argmax(sizes[1:]) + 1, out=kept[box])
     return kept

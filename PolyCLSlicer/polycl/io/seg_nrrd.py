@@ -50,7 +50,7 @@ def write_segmentation(path: str | os.PathLike, mask: np.ndarray, ijk_to_ras: np
     path = Path(path)
     if not path.name.lower().endswith(".seg.nrrd"):
         raise ValueError(f"{path}: a segmentation file must end in .seg.nrrd")
-    mask = (np.asarray(mask) > 0).astype(np.uint8)
+    mask = np.greater(mask, 0).view(np.uint8)  # 0/1 in one copy
     image = image_from_array(mask, ijk_to_ras)
     for key, value in segment_fields(mask.shape, name).items():
         image.SetMetaData(key, value)

@@ -139,7 +139,7 @@ def write_mask(path: str | os.PathLike, mask: np.ndarray, ijk_to_ras: np.ndarray
         from .seg_nrrd import write_segmentation
 
         return write_segmentation(path, mask, ijk_to_ras, compress=compress)
-    return write_volume(path, (np.asarray(mask) > 0).astype(np.uint8), ijk_to_ras, compress)
+    return write_volume(path, np.greater(mask, 0).view(np.uint8), ijk_to_ras, compress)  # 0/1 in one copy
 
 
 def read_mask(path: str | os.PathLike, reference: Volume | None = None, label: int | None = None) -> Volume:
