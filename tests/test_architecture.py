@@ -16,7 +16,7 @@ ADAPTER = [ROOT / "PolyCLSlicer" / "PolyCLSlicer.py", *sorted((ROOT / "PolyCLSli
 
 # layer of each top-level module or subpackage: an import may only reach a lower layer (or its own group)
 LAYERS = {
-    "exports": 0, "geometry": 0, "progress": 0, "threads": 0,
+    "exports": 0, "geometry": 0, "heap": 0, "progress": 0, "threads": 0,
     "devices": 1, "preprocessing": 1, "field_of_view": 1, "masks": 1, "metrics": 1, "presence": 1,
     "io": 2,
     "nets": 3,

@@ -109,3 +109,19 @@ def test_dicom_seg_label_map_nrrd_is_read_in_ras(data_dir):
     ct = read_volume(data_dir / "labeled" / "dcmqi_3slice_ct.nii.gz")
     assert label.array.shape == ct.array.shape
     np.testing.assert_allclose(label.ijk_to_ras[:3, :3], ct.ijk_to_ras[:3, :3], atol=1e-3)
+
+
+def test_masks_are_written_as_0_1_with_at_most_one_copy(tmp_path):
+    """A uint8 0/1 mask (what polycl makes) is written as it is; 0/255, bool or int masks become 0/1
+    (positive = liver) in one copy; the file holds 0/1 either way."""
+    from polycl.io.base import binary_uint8
+
+    ones = np.zeros((4, 5, 6), np.uint8)
+    ones[1:3, 2:4, 3:5] = 1
+    assert binary_uint8(ones) is ones
+    for other in (ones * 255, ones.astype(bool), ones.astype(np.int16) - (ones == 0)):  # the last: -1 / 1
+        out = binary_uint8(other)
+        assert out.dtype == np.uint8 and not np.shares_memory(out, other)
+        np.testing.assert_array_equal(out, ones)
+        write_mask(tmp_path / "m.nii.gz", other, np.eye(4))
+        np.testing.assert_array_equal(read_volume(tmp_path / "m.nii.gz").array, ones)

@@ -34,6 +34,7 @@ from typing import IO, Any
 
 import numpy as np
 
+from .heap import release_free_memory
 from .progress import Cancelled
 from .threads import configure_threads
 
@@ -159,6 +160,7 @@ class Worker:
             finally:
                 with self._lock:
                     self.current = None
+                release_free_memory()  # idle beside Slicer with what the models hold, not the job's peak
         return 0
 
     def run(self, job: Job) -> None:

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 from distributed import WorkerPlugin
 
+from ..heap import release_free_memory
 from ..pipeline import ModelCache
 from ..threads import configure_threads
 from .cases import Case, attempts_file
@@ -150,6 +151,7 @@ def run_case(case: Case, settings: Settings) -> CaseResult:
     except Exception as error:  # noqa: BLE001  (one bad input must not stop the batch)
         message = (str(error).strip().splitlines() or [type(error).__name__])[-1].strip("'")
         result = CaseResult("FAILED", 0.0, warm.label, message=message)
+    release_free_memory()  # the next case starts from what the models hold, not from this case's peak
     result.seconds = round(time.perf_counter() - started, 2)
     result.attempts = attempts
     result.worker = f"{warm.label} ({torch_threads()} threads)"

@@ -60,6 +60,14 @@ def ijk_to_ras_from_image(image: sitk.Image) -> np.ndarray:
 
 
 
+def binary_uint8(mask: np.ndarray) -> np.ndarray:
+    """A mask as uint8 0/1: itself when it already is (the masks polycl makes), else one copy."""
+    mask = np.asarray(mask)
+    if mask.dtype == np.uint8 and mask.max(initial=0) <= 1:
+        return mask
+    return np.greater(mask, 0).view(np.uint8)
+
+
 def image_from_array(array: np.ndarray, ijk_to_ras: np.ndarray) -> sitk.Image:
     """SimpleITK image (LPS) from an [i, j, k] array and its IJK->RAS matrix."""
     validate_matrix(ijk_to_ras)

@@ -45,12 +45,12 @@ def segment_fields(shape: tuple[int, int, int], name: str = "Liver", terminology
 def write_segmentation(path: str | os.PathLike, mask: np.ndarray, ijk_to_ras: np.ndarray,
                        name: str = "Liver", compress: bool = True) -> Path:
     """Write a binary ``[i, j, k]`` mask as a ``.seg.nrrd`` on exactly the given grid, atomically."""
-    from .base import atomic_write, image_from_array
+    from .base import atomic_write, binary_uint8, image_from_array
 
     path = Path(path)
     if not path.name.lower().endswith(".seg.nrrd"):
         raise ValueError(f"{path}: a segmentation file must end in .seg.nrrd")
-    mask = np.greater(mask, 0).view(np.uint8)  # 0/1 in one copy
+    mask = binary_uint8(mask)
     image = image_from_array(mask, ijk_to_ras)
     for key, value in segment_fields(mask.shape, name).items():
         image.SetMetaData(key, value)

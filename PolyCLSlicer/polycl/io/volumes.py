@@ -16,6 +16,7 @@ from .base import (
     Volume,
     VolumeReadError,
     atomic_write,
+    binary_uint8,
     ijk_to_ras_from_image,
     image_from_array,
     native_stderr,
@@ -139,7 +140,7 @@ def write_mask(path: str | os.PathLike, mask: np.ndarray, ijk_to_ras: np.ndarray
         from .seg_nrrd import write_segmentation
 
         return write_segmentation(path, mask, ijk_to_ras, compress=compress)
-    return write_volume(path, np.greater(mask, 0).view(np.uint8), ijk_to_ras, compress)  # 0/1 in one copy
+    return write_volume(path, binary_uint8(mask), ijk_to_ras, compress)
 
 
 def read_mask(path: str | os.PathLike, reference: Volume | None = None, label: int | None = None) -> Volume:
