@@ -84,7 +84,9 @@ def command_segment(args: argparse.Namespace) -> int:
         for note in engine_notes:
             print(f"polycl: warning: {note}", file=sys.stderr)
     refined = None if refiner is None else run_refinement(args, volume, result.mask, refiner)
-    mask = result.mask if refined is None else refined.mask
+    if refined is not None:
+        result.mask = refined.mask  # the coarse mask is done with: one volume-sized array less while writing
+    mask = result.mask
     clock.lap("refine")
     written = write_outputs(args, volume, mask, *model_identity(segmenter, args.checkpoint, refiner))
     if args.probability:

@@ -215,6 +215,7 @@ def refine_volume(ct_array: np.ndarray, ijk_to_ras: np.ndarray, coarse_mask: np.
                     out |= mask
             reports[z] = (len(boxes), fallbacks, [float(v) for v in ious])
         progress(min(1.0, (done + len(chunk)) / max(len(todo), 1)), f"slice {done + len(chunk)}/{len(todo)}")
+    del target  # one volume-sized array less before the result's copy
     release_free_memory()  # the encoder's per-slice buffers, before the volume-sized result arrays
     shape = ct_array.shape
     slices = []
