@@ -88,6 +88,26 @@ def test_propagation_reuses_the_refinements_embeddings():
     assert refiner.timings["encoder_images"] == 7  # every propagated slice came from the cache
 
 
+
+@pytest.mark.parametrize("flip", [False, True])
+def test_refinement_reads_the_callers_mask_in_place_and_never_writes_it(flip):
+    """A 0/1 uint8 mask laid out as a read CT (k-major) is only read (no canonical copy); the same mask as 0/255,
+    flipped or C-ordered takes the copying path; all give one result and leave the caller's mask as it was."""
+    ct = np.full((40, 36, 9), -100, np.int16)
+    coarse = np.zeros(ct.shape, np.uint8)
+    coarse[10:30, 8:28, 1:8] = 1
+    coarse[2:4, 2:4, 4] = 1  # a second component: not refined, kept as it is
+    ct[coarse > 0] = 60
+    matrix = np.diag([-0.8, -0.8, -2.0 if flip else 2.0, 1.0])  # LPS-indexed as ITK reads most CTs
+    results = []
+    for mask in (np.asfortranarray(coarse), np.asfortranarray(coarse * 255), np.ascontiguousarray(coarse)):
+        before = mask.copy()
+        results.append(sr.refine_volume(ct, matrix, mask, ShrunkBox(), min_iou=None).mask)
+        np.testing.assert_array_equal(mask, before)
+    for result in results[1:]:
+        np.testing.assert_array_equal(result, results[0])
+    assert results[0][2:4, 2:4, 4].all() and results[0].sum() != coarse.sum()  # refined, stray piece kept
+
 # ---------------------------------------------------------------- real LiteMedSAM on real 512x512 CT
 
 

@@ -55,11 +55,13 @@ class CanonicalOrientation:
                 array = np.flip(array, axis)
         return np.transpose(array, np.argsort(self.permutation))
 
-    def from_canonical_copy(self, array: np.ndarray) -> np.ndarray:
-        """``from_canonical`` as an array of its own, in the canonical array's memory order (flips undone): a
-        straight copy.  For an axial CT as read ([i, j, k], k-major) that is the CT's own layout, so writing it
-        back needs no transpose; ``np.ascontiguousarray`` would reorder every voxel here and again in the writer."""
-        return np.array(self.from_canonical(array), order="K")
+    def from_canonical_result(self, array: np.ndarray) -> np.ndarray:
+        """A canonical result (which the caller no longer uses) back in the volume's axes, laid out for writing:
+        ``array``'s own memory (permuted axes) unless an axis is flipped, then a straight copy in the canonical
+        memory order.  For an axial CT as read ([i, j, k], k-major) the writer's transpose to (k, j, i) is then
+        free; ``np.ascontiguousarray`` would reorder every voxel here and again in the writer."""
+        volume = self.from_canonical(array)
+        return volume if array.flags.c_contiguous and not any(self.flips) else np.array(volume, order="K")
 
     def canonical_matrix(self, ijk_to_ras: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
         """IJK->RAS of the canonical array (useful for writing or checking canonical arrays)."""

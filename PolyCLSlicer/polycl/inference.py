@@ -134,14 +134,14 @@ class Segmenter:
         if check_liver:
             confidence = mean_probability(predicted, mask, threshold, encoded=not probability)
             liver = assess_liver(orientation.from_canonical(mask), confidence, array, ijk_to_ras)
-        mask = orientation.from_canonical_copy(mask.view(np.uint8))
+        mask = orientation.from_canonical_result(mask.view(np.uint8))
         if liver is not None and not liver.found:
             mask[:] = 0
         notes += view_notes + ([liver.message] if liver is not None and liver.message else [])
         for note in notes:
             warnings.warn(note, stacklevel=2)
         return SegmentationResult(
-            probability=orientation.from_canonical_copy(predicted) if probability else None,
+            probability=orientation.from_canonical_result(predicted) if probability else None,
             mask=mask, warnings=notes, liver=liver,
         )
 

@@ -18,6 +18,11 @@ def bounding_box(mask: np.ndarray) -> tuple[slice, ...] | None:
 
 
 
+def is_binary(mask: np.ndarray) -> bool:
+    """True for a bool mask or a uint8 one holding only 0 and 1 (the masks polycl makes): usable as bool."""
+    return mask.dtype == bool or (mask.dtype == np.uint8 and int(mask.max(initial=0)) <= 1)
+
+
 def keep_largest_component(mask: np.ndarray) -> np.ndarray:
     """Largest fully connected (26 in 3D) component of a binary mask, as bool.
 

@@ -21,6 +21,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from ..geometry import voxel_spacing
+from ..masks import is_binary
 from .integrity import IncompleteFileError, check_complete
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
@@ -63,9 +64,7 @@ def ijk_to_ras_from_image(image: sitk.Image) -> np.ndarray:
 def binary_uint8(mask: np.ndarray) -> np.ndarray:
     """A mask as uint8 0/1: itself when it already is (the masks polycl makes), else one copy."""
     mask = np.asarray(mask)
-    if mask.dtype == np.uint8 and mask.max(initial=0) <= 1:
-        return mask
-    return np.greater(mask, 0).view(np.uint8)
+    return mask if mask.dtype == np.uint8 and is_binary(mask) else np.greater(mask, 0).view(np.uint8)
 
 
 def image_from_array(array: np.ndarray, ijk_to_ras: np.ndarray) -> sitk.Image:

@@ -287,7 +287,7 @@ def propagate_from_annotation(ct_array: np.ndarray, ijk_to_ras: np.ndarray, anno
         finally:
             stream.close()
         stops.append(reason)
-    mask = orientation.from_canonical_copy(out.view(np.uint8))
+    mask = orientation.from_canonical_result(out.view(np.uint8))
     return PropagationResult(mask=mask, steps=steps, stops=stops, engine=getattr(tracker, "name", str(engine)),
                              seconds=time.perf_counter() - start_time,
                              seed_indices=[array_slice_index(orientation, shape, z) for z in annotated])

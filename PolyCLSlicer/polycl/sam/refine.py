@@ -19,7 +19,7 @@ from scipy import ndimage
 
 from ..geometry import CanonicalOrientation
 from ..heap import release_free_memory
-from ..masks import keep_largest_component
+from ..masks import is_binary, keep_largest_component
 from ..metrics import dice
 from ..preprocessing import window
 from ..progress import CancelFlag, ProgressFn, check_cancel, no_progress
@@ -177,8 +177,11 @@ def refine_volume(ct_array: np.ndarray, ijk_to_ras: np.ndarray, coarse_mask: np.
         raise ValueError(f"coarse mask shape {coarse_mask.shape} differs from the CT's {ct_array.shape}")
     orientation = CanonicalOrientation.from_matrix(ijk_to_ras)
     ct = orientation.to_canonical(ct_array)
-    coarse = np.empty(ct.shape, bool)  # canonical and contiguous in one allocation (a 512x512x300 mask: 79 MB)
-    np.not_equal(orientation.to_canonical(coarse_mask), 0, out=coarse)
+    coarse = orientation.to_canonical(coarse_mask)
+    if coarse.flags.c_contiguous and is_binary(coarse):
+        coarse = coarse.view(bool)  # the caller's 0/1 mask, only read: no copy (a 512x512x300 mask is 79 MB)
+    else:  # canonical, contiguous and bool in one allocation
+        coarse = np.not_equal(coarse, 0, out=np.empty(ct.shape, bool))
     target = keep_largest_component(coarse) if main_component_only else coarse
     refined = np.greater(coarse, target)  # coarse & ~target without a temporary
     todo = [int(z) for z in np.flatnonzero(target.reshape(len(target), -1).any(1))]
@@ -228,6 +231,6 @@ def refine_volume(ct_array: np.ndarray, ijk_to_ras: np.ndarray, coarse_mask: np.
             coarse_pixels=int(coarse[z].sum()), refined_pixels=int(refined[z].sum()), boxes=boxes,
             fallbacks=fallbacks, mean_iou=float(np.mean(ious)) if ious else None,
             center_ras=slice_center_ras(ijk_to_ras, shape, orientation.slice_axis, index)))
-    mask = orientation.from_canonical_copy(refined.view(np.uint8))  # one copy, not two
+    mask = orientation.from_canonical_result(refined.view(np.uint8))  # one copy, not two
     return RefinementResult(mask=mask, slices=slices, seconds=time.perf_counter() - start_time,
                             cache_hits=refiner.cache.hits - hits0, cache_misses=refiner.cache.misses - misses0)
