@@ -52,23 +52,41 @@ def run_cli(argv: list[str], package: Path = ROOT / "PolyCLSlicer") -> tuple[flo
     return seconds, rss
 
 
+# Runs ``python -m polycl.cli`` and, at exit, writes the process's own peak RSS (VmHWM, KiB) to $POLYCL_BENCH_PEAK.
+# wait4's ru_maxrss is no measure of the child: Linux keeps the high-water mark of the memory the child had
+# before exec, and a child forked from this bench process (which holds torch, models and CTs) starts with all
+# of the bench's pages, so ru_maxrss reported the bench's size (1.98 GiB for both packages, 2026-12-06).
+PEAK_WRAPPER = """
+import atexit, os, runpy, sys
+def peak():
+    with open("/proc/self/status") as status, open(os.environ["POLYCL_BENCH_PEAK"], "w") as out:
+        out.write(next(line.split()[1] for line in status if line.startswith("VmHWM")))
+atexit.register(peak)
+sys.argv = ["polycl", *sys.argv[1:]]
+runpy.run_module("polycl.cli", run_name="__main__", alter_sys=True)
+"""
+
+
 def polycl_process(argv: list[str], package: Path = ROOT / "PolyCLSlicer", env: dict[str, str] | None = None
                    ) -> tuple[float, float, float, str, str]:
-    """One ``python -m polycl.cli`` process (the polycl package found under ``package``): wall seconds, peak RSS
-    (MiB), CPU seconds (user + system, all threads), stdout and stderr; RuntimeError when it fails."""
+    """One ``python -m polycl.cli`` process (the polycl package found under ``package``): wall seconds, its own
+    peak RSS (MiB, VmHWM), CPU seconds (user + system, all threads), stdout and stderr; RuntimeError when it
+    fails."""
     started = time.perf_counter()
-    with tempfile.TemporaryFile() as stdout:  # a file, not a pipe: stderr is read to its end meanwhile
-        process = subprocess.Popen([sys.executable, "-m", "polycl.cli", *argv], stdout=stdout, stderr=subprocess.PIPE,
-                                   env={**(env or os.environ), "PYTHONPATH": str(package)})
-        error = process.stderr.read().decode()
-        _, status, usage = os.wait4(process.pid, 0)  # the child's own rusage: its peak RSS
+    with tempfile.TemporaryFile() as stdout, tempfile.NamedTemporaryFile("r") as peak:
+        process = subprocess.Popen([sys.executable, "-c", PEAK_WRAPPER, *argv], stdout=stdout, stderr=subprocess.PIPE,
+                                   env={**(env or os.environ), "PYTHONPATH": str(package),
+                                        "POLYCL_BENCH_PEAK": peak.name})
+        error = process.stderr.read().decode()  # stdout goes to a file: no pipe deadlock
+        _, status, usage = os.wait4(process.pid, 0)
         seconds = time.perf_counter() - started
         stdout.seek(0)
         output = stdout.read().decode()
+        peak_mib = int(peak.read() or 0) / 1024
     process.stderr.close()
     if os.waitstatus_to_exitcode(status) != 0:
         raise RuntimeError(f"polycl {' '.join(argv[:1])} failed: {error[-600:]}")
-    return seconds, usage.ru_maxrss / 1024, usage.ru_utime + usage.ru_stime, output, error
+    return seconds, peak_mib, usage.ru_utime + usage.ru_stime, output, error
 
 
 def run_cli_detailed(argv: list[str], package: Path = ROOT / "PolyCLSlicer") -> tuple[float, float, float, dict]:
