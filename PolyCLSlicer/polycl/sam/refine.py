@@ -231,6 +231,6 @@ def refine_volume(ct_array: np.ndarray, ijk_to_ras: np.ndarray, coarse_mask: np.
             coarse_pixels=int(coarse[z].sum()), refined_pixels=int(refined[z].sum()), boxes=boxes,
             fallbacks=fallbacks, mean_iou=float(np.mean(ious)) if ious else None,
             center_ras=slice_center_ras(ijk_to_ras, shape, orientation.slice_axis, index)))
-    mask = orientation.from_canonical_result(refined.view(np.uint8))  # one copy, not two
+    mask = orientation.from_canonical_result(refined.view(np.uint8))  # no copy unless a flip needs one
     return RefinementResult(mask=mask, slices=slices, seconds=time.perf_counter() - start_time,
                             cache_hits=refiner.cache.hits - hits0, cache_misses=refiner.cache.misses - misses0)
