@@ -28,7 +28,8 @@ def keep_largest_component(mask: np.ndarray) -> np.ndarray:
 
     Labelled by ITK (multi-threaded, no scipy import) inside the mask's bounding box only: a liver
     fills a small part of a CT, so most of the volume is never scanned.  The component sizes are counted
-    on the label image in place (no relabelled copy: 4 bytes per voxel of the box less at the peak).
+    on the label image in place (no relabelled copy: 4 bytes per voxel of the box less at the peak).  A bool
+    mask that is one component already comes back as it is (callers read it, never write it in place).
     """
     mask = np.asarray(mask)
     if mask.dtype != bool:  # a bool mask is used as it is: no volume-sized copy
@@ -40,6 +41,8 @@ def keep_largest_component(mask: np.ndarray) -> np.ndarray:
     labeller = sitk.ConnectedComponentImageFilter()
     labeller.FullyConnectedOn()
     image = labeller.Execute(sitk.GetImageFromArray(crop.view(np.uint8)))
+    if labeller.GetObjectCount() == 1:
+        return mask  # one component already (a mask this function made): no volume-sized copy
     labels = sitk.GetArrayViewFromImage(image)  # no copy of the uint32 labels; valid while ``image`` lives
     sizes = np.zeros(labeller.GetObjectCount() + 1, np.int64)
     for start in range(0, len(labels), 16):  # the mask's voxels only, in slabs: no full-volume int64 copy
