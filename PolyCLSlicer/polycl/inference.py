@@ -12,7 +12,6 @@ import torch
 from .devices import autocast_context, configure_precision, place, resolve_device
 from .field_of_view import FieldOfView, check_field_of_view
 from .geometry import CanonicalOrientation
-from .heap import release_free_memory
 from .masks import keep_largest_component
 from .nets.checkpoints import load_checkpoint
 from .nets.unet import SegmentationNet
@@ -126,7 +125,6 @@ class Segmenter:
         view, view_notes = self.field_of_view(canonical, ijk_to_ras, orientation)
         predicted = self.predict_slices(canonical, batch_size, progress, cancel, None if probability else threshold,
                                         view)
-        release_free_memory()  # the network's per-batch buffers, before the mask steps' volume-sized arrays
         mask = predicted > threshold if probability else predicted >= 128
         if largest_component:
             mask = keep_largest_component(mask)

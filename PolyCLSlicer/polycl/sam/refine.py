@@ -18,7 +18,6 @@ import numpy as np
 from scipy import ndimage
 
 from ..geometry import CanonicalOrientation
-from ..heap import release_free_memory
 from ..masks import is_binary, keep_largest_component
 from ..metrics import dice
 from ..preprocessing import window
@@ -219,7 +218,6 @@ def refine_volume(ct_array: np.ndarray, ijk_to_ras: np.ndarray, coarse_mask: np.
             reports[z] = (len(boxes), fallbacks, [float(v) for v in ious])
         progress(min(1.0, (done + len(chunk)) / max(len(todo), 1)), f"slice {done + len(chunk)}/{len(todo)}")
     del target  # one volume-sized array less before the result's copy
-    release_free_memory()  # the encoder's per-slice buffers, before the volume-sized result arrays
     shape = ct_array.shape
     slices = []
     for z in np.flatnonzero(coarse.reshape(len(coarse), -1).any(1) | refined.reshape(len(refined), -1).any(1)):
