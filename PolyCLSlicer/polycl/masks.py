@@ -42,7 +42,7 @@ def keep_largest_component(mask: np.ndarray) -> np.ndarray:
     labeller.FullyConnectedOn()
     image = labeller.Execute(sitk.GetImageFromArray(crop.view(np.uint8)))
     if labeller.GetObjectCount() == 1:
-        return mask  # one component already (a mask this function made): no volume-sized copy
+        return mask  # one component already: nothing to remove, no volume-sized copy
     labels = sitk.GetArrayViewFromImage(image)  # no copy of the uint32 labels; valid while ``image`` lives
     sizes = np.zeros(labeller.GetObjectCount() + 1, np.int64)
     for start in range(0, len(labels), 16):  # the mask's voxels only, in slabs: no full-volume int64 copy
