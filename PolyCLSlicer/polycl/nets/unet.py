@@ -22,7 +22,8 @@ class InstanceNorm2d(nn.InstanceNorm2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.track_running_stats or x.dim() != 4:
             return super().forward(x)
-        return nn.functional.group_norm(x, x.shape[1], self.weight, self.bias, self.eps)
+        # num_features, not x.shape[1]: a constant group count, so the network exports to ONNX
+        return nn.functional.group_norm(x, self.num_features, self.weight, self.bias, self.eps)
 
 
 def double_conv(in_channels: int, out_channels: int, dropout: float = 0.0) -> nn.Sequential:
