@@ -1,6 +1,6 @@
 """Inference benchmark: end-to-end `polycl segment` time and peak RSS, batched vs naive, GFLOP/s.
 
-Run:  .venv/bin/python bench/inference.py [--data DIR] [--repeats N] [--baseline-commit SHA]
+Run:  .venv/bin/python bench/inference.py [--data DIR] [--repeats N] [--baseline-commit SHA] [--baseline-checkpoint F]
 
 Measures, in one run on this machine:
   1. end-to-end `polycl segment --json` (process start, imports, model load, read, inference, write) wall
@@ -109,8 +109,9 @@ def baseline_package(commit: str, work: Path) -> Path | None:
 
 
 def compare_end_to_end(cases: dict[str, Path], checkpoint: Path, work: Path, baseline_commit: str,
-                       repeats: int) -> None:
-    """`polycl segment` end to end, the package before issue 12 vs now, runs alternated; best of ``repeats``."""
+                       repeats: int, baseline_checkpoint: Path | None = None) -> None:
+    """`polycl segment` end to end, the package before issue 12 vs now, runs alternated; best of ``repeats``.
+    The baseline runs ``baseline_checkpoint`` when given (e.g. the previous starter model), else ``checkpoint``."""
     baseline = baseline_package(baseline_commit, work)
     packages = {f"before ({baseline_commit})": baseline, "now": ROOT / "PolyCLSlicer"}
     print(f"\n1. end-to-end `polycl segment --json` (new process each run, alternated; best of {repeats}; "
@@ -118,10 +119,11 @@ def compare_end_to_end(cases: dict[str, Path], checkpoint: Path, work: Path, bas
     for name, path in cases.items():
         argv = ["segment", str(path), "-o", str(work / "mask.nii.gz"), "--overwrite", "--json",
                 "--checkpoint", str(checkpoint)]
+        argvs = {"now": argv, "before": [*argv[:-1], str(baseline_checkpoint or checkpoint)]}
         runs: dict[str, list] = {label: [] for label, package in packages.items() if package is not None}
         for _ in range(repeats):
             for label in runs:
-                runs[label].append(run_cli_detailed(argv, packages[label]))
+                runs[label].append(run_cli_detailed(argvs[label.split()[0]], packages[label]))
         best = {label: min(results, key=lambda r: r[0]) for label, results in runs.items()}
         for label, (seconds, rss, cpu, laps) in best.items():
             steps = "  ".join(f"{step} {value:.2f}" for step, value in laps.items())
@@ -237,6 +239,8 @@ def main() -> int:
     parser.add_argument("--baseline-commit", default=BASELINE_COMMIT,
                         help=f"end-to-end baseline: the polycl package of this commit (default {BASELINE_COMMIT}, "
                              "the last one before issue 12's segment changes)")
+    parser.add_argument("--baseline-checkpoint", type=Path, default=None,
+                        help="end-to-end baseline: run this checkpoint (default: the same as now)")
     parser.add_argument("--repeats", type=int, default=2, help="end-to-end runs per package (best is printed)")
     args = parser.parse_args()
     if args.data is None:
@@ -252,21 +256,21 @@ def main() -> int:
     if checkpoint is None:  # timing only: random-init weights of the same architecture
         checkpoint = save_model(work / "random.safetensors", build_model("polycl_unet"), default_card())
     print(f"machine: {machine()}")
-    print(f"checkpoint: {checkpoint}")
+    print(f"checkpoint: {checkpoint}" + (f"; baseline: {args.baseline_checkpoint}" if args.baseline_checkpoint else ""))
 
     cut, matrix = cut_119(args.data)
     write_volume(work / "ct119.nii.gz", cut, matrix)
     cases = {"totalseg_dcm 512x512x20": args.data / "labeled" / "totalseg_dcm_ct.nii.gz",
              "ircad01 512x512x119": work / "ct119.nii.gz"}
 
-    compare_end_to_end(cases, checkpoint, work, args.baseline_commit, args.repeats)
+    compare_end_to_end(cases, checkpoint, work, args.baseline_commit, args.repeats, args.baseline_checkpoint)
 
     model, card = load_checkpoint(checkpoint)
     slices = CanonicalOrientation.from_matrix(matrix).to_canonical(cut)
     peak32, peak16 = matmul_peak(torch.float32), matmul_peak(torch.bfloat16)
     print(f"\n2. matmul peak measured now: fp32 {peak32:.0f} GFLOP/s, bf16 {peak16:.0f} GFLOP/s")
     paper_model = (build_model("polycl_unet").eval(), default_card(input_size=256))
-    for label, (net, net_card) in {"starter model, 128 px": (model, card),
+    for label, (net, net_card) in {f"the checkpoint, {card['input_size']} px": (model, card),
                                    "papers' 256 px U-Net (random weights, timing only)": paper_model}.items():
         compare_network_paths(label, net, net_card, slices, peak32, peak16)
     return 0

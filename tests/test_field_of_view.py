@@ -162,3 +162,28 @@ def test_cli_finetune_field_of_view_and_card_summaries(tmp_path, capsys):
     assert main(["info", str(tmp_path / "m.safetensors")]) == 0
     assert "a 350 mm square around the body at 32 px (10.94 mm per pixel" in capsys.readouterr().out
     assert "field of view: 350 mm" in core.describe_card(core.read_card_header(tmp_path / "m.safetensors"))
+
+
+class Echo(nn.Module):
+    """Logits that are the network input itself (steep): elementwise ops, which autocast leaves in fp32."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - 0.5) * 40.0
+
+
+def test_the_sampling_grid_stays_fp32_under_bf16_autocast():
+    """Under bf16 autocast ``affine_grid``'s matmul gives a bf16 grid (coordinates off by up to ~1.5 mm at a
+    400 mm square's edge): the field-of-view warps run outside autocast, so bf16 changes nothing but the network."""
+    canonical, _ = phantom((300, 280), (0.8, 0.9))
+    ramp = np.linspace(-150, 250, canonical.shape[2], dtype=np.float32)  # a smooth ramp shows any resampling shift
+    canonical = np.where(canonical > -500, ramp[None, None, :], canonical).astype(np.float32)
+    card = {**default_card("polycl_unet", {}, 192), "field_of_view_mm": 400.0}
+    matrix = canonical_matrix((2.5, 0.8, 0.9))
+    results = {}
+    for precision in ("fp32", "bf16"):
+        segmenter = Segmenter(Echo(), card, device="cpu", precision=precision)
+        if segmenter.precision != precision:
+            pytest.skip(f"{precision} is not used on this CPU")
+        results[precision] = segmenter.segment(canonical, matrix, largest_component=False, probability=True,
+                                               check_liver=False).probability
+    np.testing.assert_allclose(results["bf16"], results["fp32"], atol=1e-5)

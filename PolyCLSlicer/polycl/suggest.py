@@ -90,8 +90,9 @@ def tta_probability(segmenter: Segmenter, canonical: np.ndarray, batch_size: int
             for zoom, degrees, gain in TTA_PASSES:
                 check_cancel(cancel, "slice suggestion")
                 theta = _affine(zoom, degrees, len(batch))
+                warped = (_warp(batch, theta) * gain).clamp(0, 1)  # outside autocast: an fp32 sampling grid
                 with autocast_context(segmenter.device, segmenter.precision):
-                    logits = segmenter.model((_warp(batch, theta) * gain).clamp(0, 1)).float()
+                    logits = segmenter.model(warped).float()
                 probability = _warp(torch.sigmoid(logits), _inverse(theta))
                 total[start:start + len(batch)] += probability[:, 0].cpu().numpy()
                 done += 1
