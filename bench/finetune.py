@@ -1,6 +1,6 @@
 """Finetuning epoch benchmark: naive per-sample loop vs the shipped path, on 119 slices at 128 px.
 
-Run:  .venv/bin/python bench/finetune.py [--data DIR] [--epochs 3] [--threads 1,2]
+Run:  .venv/bin/python bench/finetune.py [--data DIR] [--epochs 3] [--threads 1,2] [--compile]
 
 Data: the middle 119 slices of ircad01 (512x512, never trained on) with the starter model's own mask as
 pseudo-label, resized to 128 px; batch 10, Adam, starter init, one scan (no validation set).
@@ -122,6 +122,40 @@ def shipped_epochs(pairs: list, epochs: int, precision: str, work: Path, size: i
     return times
 
 
+def training_step(network, optimizer, images: torch.Tensor, masks: torch.Tensor, index: int, precision: str) -> None:
+    """One shipped-loss step (soft Dice + 0.3 x BCE under autocast) on batch ``index`` (wrapping around)."""
+    from polycl.devices import autocast_context
+
+    start = (index * BATCH) % len(images)
+    optimizer.zero_grad(set_to_none=True)
+    with autocast_context(torch.device("cpu"), precision):
+        logits = network(images[start:start + BATCH]).float()
+    target = masks[start:start + BATCH]
+    loss = soft_dice_loss(logits, target) + 0.3 * F.binary_cross_entropy_with_logits(logits, target)
+    loss.backward()
+    optimizer.step()
+
+
+def compiled_vs_eager(images: torch.Tensor, masks: torch.Tensor, precision: str) -> None:
+    """One epoch's training steps, eager vs ``torch.compile`` (inductor): the first step (compilation) and the
+    steady epoch, each from fresh starter weights."""
+    steps = num_batches(len(images), BATCH)
+    for name in ("eager", "torch.compile"):
+        model, _ = load_checkpoint(STARTER_CHECKPOINT)
+        model.train()
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+        network = torch.compile(model) if name == "torch.compile" else model
+        started = time.perf_counter()
+        training_step(network, optimizer, images, masks, 0, precision)
+        first = time.perf_counter() - started
+        training_step(network, optimizer, images, masks, 1, precision)
+        started = time.perf_counter()
+        for index in range(steps):
+            training_step(network, optimizer, images, masks, index, precision)
+        print(f"   {name:14s} first step {first:6.1f} s, then {time.perf_counter() - started:5.2f} s per epoch "
+              f"({steps} steps, {precision})  load {os.getloadavg()[0]:.1f}", flush=True)
+
+
 def summary(times: list[tuple], skip_first: bool) -> tuple[float, float]:
     """Median (wall, CPU) per epoch, without the first epoch (oneDNN primitive creation) when asked."""
     kept = times[1:] if skip_first and len(times) > 1 else times
@@ -132,6 +166,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default=None, help="shared data folder (default: $POLYCL_DATA or ../shared/data)")
     parser.add_argument("--epochs", type=int, default=3, help="epochs per variant (the first is a warm-up)")
+    parser.add_argument("--compile", action="store_true",
+                        help="only compare eager and torch.compile training steps (compilation ~1 min)")
     parser.add_argument("--threads", default=str(torch.get_num_threads()),
                         help="comma-separated thread counts for the shipped fp32 path (default: torch's)")
     args = parser.parse_args()
@@ -146,6 +182,9 @@ def main() -> int:
     data = slices_from_pairs(pairs, SIZE)
     print(f"preprocessing (window + resize, once per run in the shipped path): {time.perf_counter() - started:.2f} s")
 
+    if args.compile:
+        compiled_vs_eager(data.images, data.masks, "bf16" if cpu_supports_bf16() else "fp32")
+        return 0
     model, _ = load_checkpoint(STARTER_CHECKPOINT)
     flops = step_flops(model) * len(data.images) / BATCH
     peak32, peak16 = matmul_peak(torch.float32), matmul_peak(torch.bfloat16)

@@ -9,7 +9,8 @@ Measures, in one run on this machine:
      then now with ``--probability`` (the float map written too);
   2. the network alone on the 119-slice volume: naive eager per-slice fp32 loop with torch's
      instance_norm kernel (baseline), the batched path with that kernel, and the
-     shipped path (batched, inference_mode, bf16 autocast where the CPU has native bf16);
+     shipped path (batched, inference_mode, bf16 autocast where the CPU has native bf16, channels-last
+     (NHWC) on CPU), batch 4 also in the old contiguous (NCHW) layout;
   3. achieved GFLOP/s of both vs a matmul peak (fp32 and bf16) measured in the same run.
 With ``--backbones [--size PX]`` instead: the shipped path for U-Net, ResU-Net and TransUNet (random
 weights, 128 px) on the same 119 slices, the U-Net as baseline.
@@ -180,9 +181,13 @@ def compare_network_paths(label: str, model: torch.nn.Module, card: dict, slices
         naive = naive_per_slice(model, slices, size)
     print(f"   naive eager per-slice fp32     {naive:6.2f} s  {flops / naive / 1e9:6.1f} GFLOP/s "
           f"({flops / naive / 1e9 / peak32:4.0%} of fp32 peak)  baseline")
-    for precision, batch_size, norm in (("fp32", 16, "torch"), ("fp32", 16, "group"), ("auto", 4, "group"),
-                                        ("auto", 16, "group")):
-        segmenter = Segmenter(model, card, device="cpu", precision=precision)
+    for precision, batch_size, norm, layout in (("fp32", 16, "torch", "NHWC"), ("fp32", 16, "group", "NHWC"),
+                                                ("auto", 4, "group", "NCHW"), ("auto", 4, "group", "NHWC"),
+                                                ("auto", 16, "group", "NHWC")):
+        segmenter = Segmenter(model, card, device="cpu", precision=precision)  # shipped: channels-last (NHWC)
+        if layout == "NCHW":  # the layout before issue 25's fourth session
+            segmenter.model = segmenter.model.to(memory_format=torch.contiguous_format)
+            segmenter.network_layout = lambda batch: batch
         with torch_instance_norm() if norm == "torch" else contextlib.nullcontext():
             segmenter.predict_slices(slices[:batch_size], batch_size=batch_size)  # warm-up (oneDNN primitives)
             started = time.perf_counter()
@@ -190,7 +195,7 @@ def compare_network_paths(label: str, model: torch.nn.Module, card: dict, slices
             seconds = time.perf_counter() - started
         dtype = segmenter.precision
         peak = peak16 if dtype == "bf16" else peak32
-        print(f"   batched {batch_size:2d} {precision:4s} ({dtype:8s})   {seconds:6.2f} s  "
+        print(f"   batched {batch_size:2d} {precision:4s} ({dtype:4s} {layout})  {seconds:6.2f} s  "
               f"{flops / seconds / 1e9:6.1f} GFLOP/s ({flops / seconds / 1e9 / peak:4.0%} of {dtype} peak)  "
               f"{naive / seconds:4.2f}x vs naive" + ("  (torch's instance_norm kernel)" if norm == "torch" else ""))
 

@@ -82,3 +82,29 @@ def test_pooled_soft_dice_loss_charges_a_liver_free_slice_its_false_pixels_only(
     pooled = soft_dice_loss(logits, target, pooled=True).item()
     assert per_slice == pytest.approx((1 - 1 / 2) / 2, abs=1e-4)  # the empty slice's Dice drops to 1/2
     assert pooled == pytest.approx(1 - 33 / 34, abs=1e-4)  # one pixel of 16 + 17
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_distances_in_the_masks_box_equal_those_of_the_whole_volume(seed):
+    """Hausdorff is computed inside both masks' bounding box (+1 voxel): the same figures as on the whole
+    arrays, also for masks that touch the array's edge (where the erosion's border counts as background)."""
+    from polycl.metrics import directed_surface_distances
+
+    rng = np.random.default_rng(seed)
+    shape = (40, 36, 30)
+    masks = []
+    for _ in range(2):
+        mask = np.zeros(shape, bool)
+        for _ in range(3):  # a few blobs, some cut by the array's edge
+            centre = rng.integers(0, shape)
+            radius = rng.integers(3, 9)
+            grid = np.ogrid[tuple(slice(0, n) for n in shape)]
+            mask |= sum((g - c) ** 2 for g, c in zip(grid, centre, strict=True)) <= radius**2
+        masks.append(mask)
+    matrix = np.diag([0.7, 0.9, 2.5, 1.0])
+    spacing = np.array([0.7, 0.9, 2.5])
+    forward = directed_surface_distances(masks[0], masks[1], spacing)
+    backward = directed_surface_distances(masks[1], masks[0], spacing)
+    result = hausdorff(masks[0], masks[1], matrix)
+    assert result["hd_mm"] == pytest.approx(max(forward.max(), backward.max()))
+    assert result["hd95_mm"] == pytest.approx(max(np.percentile(forward, 95), np.percentile(backward, 95)))
