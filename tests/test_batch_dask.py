@@ -96,7 +96,8 @@ def test_batch_matches_segment_and_reports_a_broken_input(cohort, tmp_path):
 
     from distributed import Client, LocalCluster  # a running cluster: `--scheduler tcp://HOST:PORT`
 
-    with LocalCluster(n_workers=2, threads_per_worker=1, resources={"polycl": 1}, dashboard_address=None) as running:
+    # 2 threads per worker, as the batch above: the DICOM SEG is compared with that batch's mask
+    with LocalCluster(n_workers=2, threads_per_worker=2, resources={"polycl": 1}, dashboard_address=None) as running:
         with Client(running) as client:
             pids = {str(pid) for pid in client.run(os.getpid).values()}
         dicom = polycl("batch", str(cohort / "e_series"), "-o", str(out), "--format", "dcm", "--scheduler",
