@@ -17,8 +17,8 @@ ADAPTER = [ROOT / "PolyCLSlicer" / "PolyCLSlicer.py", *sorted((ROOT / "PolyCLSli
 # layer of each top-level module or subpackage: an import may only reach a lower layer (or its own group)
 LAYERS = {
     "exports": 0, "geometry": 0, "heap": 0, "progress": 0, "threads": 0,
-    "devices": 1, "preprocessing": 1, "field_of_view": 1, "masks": 1, "metrics": 1, "presence": 1,
-    "io": 2,
+    "devices": 1, "preprocessing": 1, "field_of_view": 1, "masks": 1, "presence": 1,
+    "io": 2, "metrics": 2,  # metrics crops to masks.bounding_box
     "nets": 3,
     "training": 4, "sam": 4,
     "inference": 5,

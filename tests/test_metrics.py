@@ -86,7 +86,7 @@ def test_pooled_soft_dice_loss_charges_a_liver_free_slice_its_false_pixels_only(
 
 @pytest.mark.parametrize("seed", range(6))
 def test_distances_in_the_masks_box_equal_those_of_the_whole_volume(seed):
-    """Hausdorff is computed inside both masks' bounding box (+1 voxel): the same figures as on the whole
+    """Hausdorff is computed inside both masks' bounding box: the same figures as on the whole
     arrays, also for masks that touch the array's edge (where the erosion's border counts as background)."""
     from polycl.metrics import directed_surface_distances
 

@@ -11,6 +11,7 @@ import numpy as np
 from scipy import ndimage
 
 from .geometry import voxel_spacing
+from .masks import bounding_box
 
 
 def dice(prediction: np.ndarray, reference: np.ndarray) -> float:
@@ -32,17 +33,6 @@ def directed_surface_distances(source: np.ndarray, target: np.ndarray, spacing: 
     return distance_to_target[surface(source)]
 
 
-def union_box(a: np.ndarray, b: np.ndarray, margin: int = 1) -> tuple[slice, ...]:
-    """The bounding box of both masks grown by ``margin`` voxels (clipped to the array): inside it the masks'
-    erosions, hence their surfaces, and the distances between the surfaces are those of the whole arrays."""
-    either = a | b
-    box = []
-    for axis in range(either.ndim):
-        present = np.flatnonzero(either.any(axis=tuple(i for i in range(either.ndim) if i != axis)))
-        box.append(slice(max(0, present[0] - margin), min(either.shape[axis], present[-1] + 1 + margin)))
-    return tuple(box)
-
-
 def hausdorff(prediction: np.ndarray, reference: np.ndarray, ijk_to_ras: np.ndarray) -> dict[str, float]:
     """Symmetric Hausdorff distance and HD95 in millimetres (inf when exactly one mask is empty)."""
     a, b = np.asarray(prediction) > 0, np.asarray(reference) > 0
@@ -51,7 +41,9 @@ def hausdorff(prediction: np.ndarray, reference: np.ndarray, ijk_to_ras: np.ndar
     if not a.any() or not b.any():
         return {"hd_mm": float("inf"), "hd95_mm": float("inf")}
     spacing = voxel_spacing(ijk_to_ras)
-    box = union_box(a, b)  # every surface voxel lies inside it: the same distances on a fraction of the volume
+    # inside both masks' bounding box: outside it both are background, so the erosions (border = background),
+    # hence the surfaces and their distances, are those of the whole arrays, on a fraction of the volume
+    box = bounding_box(a | b)
     a, b = a[box], b[box]
     forward = directed_surface_distances(a, b, spacing)
     backward = directed_surface_distances(b, a, spacing)
