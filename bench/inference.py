@@ -184,10 +184,8 @@ def compare_network_paths(label: str, model: torch.nn.Module, card: dict, slices
     for precision, batch_size, norm, layout in (("fp32", 16, "torch", "NHWC"), ("fp32", 16, "group", "NHWC"),
                                                 ("auto", 4, "group", "NCHW"), ("auto", 4, "group", "NHWC"),
                                                 ("auto", 16, "group", "NHWC")):
-        segmenter = Segmenter(model, card, device="cpu", precision=precision)  # shipped: channels-last (NHWC)
-        if layout == "NCHW":  # the layout before issue 25's fourth session
-            segmenter.model = segmenter.model.to(memory_format=torch.contiguous_format)
-            segmenter.network_layout = lambda batch: batch
+        # shipped: channels-last (NHWC); NCHW is the layout before issue 25's fourth session
+        segmenter = Segmenter(model, card, device="cpu", precision=precision, channels_last=layout == "NHWC")
         with torch_instance_norm() if norm == "torch" else contextlib.nullcontext():
             segmenter.predict_slices(slices[:batch_size], batch_size=batch_size)  # warm-up (oneDNN primitives)
             started = time.perf_counter()

@@ -52,9 +52,7 @@ def test_segment_mask_is_unchanged_by_the_layout(single_torch_thread):
     volume = np.random.default_rng(0).uniform(-1000, 300, (50, 44, 6)).astype(np.float32)
     matrix = np.diag([0.8, 0.9, 2.5, 1.0])
     fast = Segmenter(copy.deepcopy(model), card, device="cpu", precision="fp32")
-    plain = Segmenter(copy.deepcopy(model), card, device="cpu", precision="fp32")
-    plain.model = plain.model.to(memory_format=torch.contiguous_format)
-    plain.network_layout = lambda batch: batch
+    plain = Segmenter(copy.deepcopy(model), card, device="cpu", precision="fp32", channels_last=False)
     got = fast.segment(volume, matrix, probability=True, largest_component=False, check_liver=False).probability
     expected = plain.segment(volume, matrix, probability=True, largest_component=False,
                              check_liver=False).probability
@@ -67,9 +65,7 @@ def test_shipped_starter_path_is_within_0_002_dice_of_plain_fp32(labeled_case, c
     fp32 in the contiguous layout, on real CT: issue 25 allows a Dice change of 0.002 at most."""
     ct, reference = labeled_case(case)
     shipped = Segmenter.from_checkpoint(None, "cpu")
-    plain = Segmenter.from_checkpoint(None, "cpu", precision="fp32")
-    plain.model = plain.model.to(memory_format=torch.contiguous_format)
-    plain.network_layout = lambda batch: batch
+    plain = Segmenter.from_checkpoint(None, "cpu", precision="fp32", channels_last=False)
     masks = {name: segmenter.segment(ct.array, ct.ijk_to_ras).mask for name, segmenter in
              (("shipped", shipped), ("plain", plain))}
     scores = {name: dice(mask, reference.array) for name, mask in masks.items()}

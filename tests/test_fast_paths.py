@@ -101,9 +101,7 @@ def test_group_norm_instance_norm_gives_torchs_masks_on_real_ct(labeled_case, si
     from polycl.nets.unet import InstanceNorm2d
 
     ct, _ = labeled_case("totalseg_dcm")
-    segmenter = Segmenter.from_checkpoint(None, "cpu", precision="fp32")
-    segmenter.model = segmenter.model.to(memory_format=torch.contiguous_format)
-    segmenter.network_layout = lambda batch: batch
+    segmenter = Segmenter.from_checkpoint(None, "cpu", precision="fp32", channels_last=False)
     fast = segmenter.segment(ct.array, ct.ijk_to_ras, largest_component=False, probability=True)
     monkeypatch.setattr(InstanceNorm2d, "forward", torch.nn.InstanceNorm2d.forward)
     reference = segmenter.segment(ct.array, ct.ijk_to_ras, largest_component=False, probability=True)

@@ -38,12 +38,14 @@ class Segmenter:
     """A loaded segmentation network plus the preprocessing its model card prescribes."""
 
     def __init__(self, model: SegmentationNet, card: dict, device: str | torch.device = "auto",
-                 precision: str = "auto"):
+                 precision: str = "auto", channels_last: bool | None = None):
         self.device = resolve_device(device)
         self.precision = configure_precision(precision, self.device)
-        self.model = place(model, self.device).eval()
-        if self.device.type == "cpu":  # oneDNN runs NHWC convolutions without reorders: 1.2-1.4x per pass
-            self.model = self.model.to(memory_format=torch.channels_last)  # (bench/inference.py)
+        # None: channels-last (NHWC) on CPU, where oneDNN runs its convolutions without reorders (1.2-1.4x per
+        # pass, bench/inference.py); masks then differ by a few voxels between thread counts
+        self.channels_last = self.device.type == "cpu" if channels_last is None else channels_last
+        layout = torch.channels_last if self.channels_last else torch.contiguous_format
+        self.model = place(model, self.device).eval().to(memory_format=layout)
         self.card = card
         self.input_size = int(card["input_size"])
         self.window = card.get("window", {"center": 40.0, "width": 400.0})
@@ -52,10 +54,10 @@ class Segmenter:
 
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike | None = None, device: str = "auto",
-                        precision: str = "auto") -> Segmenter:
+                        precision: str = "auto", channels_last: bool | None = None) -> Segmenter:
         """Load a segmentation checkpoint (the bundled starter model when path is None)."""
         model, card = load_checkpoint(path, kind="segmentation")
-        return cls(model, card, device, precision)
+        return cls(model, card, device, precision, channels_last)
 
     @property
     def default_batch_size(self) -> int:
@@ -81,8 +83,8 @@ class Segmenter:
         return self.network_layout(view.to_network(batch, self.input_size, slice(start, start + len(batch))))
 
     def network_layout(self, batch: torch.Tensor) -> torch.Tensor:
-        """The model's memory layout: channels-last on CPU, unchanged elsewhere."""
-        return batch.contiguous(memory_format=torch.channels_last) if self.device.type == "cpu" else batch
+        """The batch in the model's memory layout (``channels_last``)."""
+        return batch.contiguous(memory_format=torch.channels_last) if self.channels_last else batch
 
     def predict_slices(self, slices: np.ndarray, batch_size: int | None = None, progress: ProgressFn = no_progress,
                        cancel: CancelFlag | None = None, threshold: float | None = None,
@@ -103,8 +105,9 @@ class Segmenter:
                 check_cancel(cancel, "segmentation")
                 batch = torch.from_numpy(context_batch(slices, start, start + batch_size, self.context_slices))
                 batch = window(batch.to(self.device), self.window["center"], self.window["width"])
-                network_input = self.to_network(batch, view, start)  # fp32: under autocast affine_grid's
-                with autocast_context(self.device, self.precision):  # matmul gives a bf16 sampling grid (~1.5 mm off)
+                # before autocast: under bf16 autocast affine_grid's matmul gives a bf16 grid (~1.5 mm off)
+                network_input = self.to_network(batch, view, start)
+                with autocast_context(self.device, self.precision):
                     logits = self.model(network_input).float()
                 if view is None:
                     probability = torch.sigmoid(resize_slices(logits, (height, width)))[:, 0]
