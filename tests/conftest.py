@@ -47,6 +47,13 @@ def labeled_case(data_dir):
     return load
 
 
+def crop(array: np.ndarray, matrix: np.ndarray, k0: int, k1: int) -> tuple[np.ndarray, np.ndarray]:
+    """Slices k0..k1-1 of an [i, j, k] array with the matching matrix (small volumes for plumbing tests)."""
+    out = np.array(matrix, float)
+    out[:3, 3] = matrix[:3, :3] @ np.array([0, 0, k0]) + matrix[:3, 3]
+    return np.ascontiguousarray(array[:, :, k0:k1]), out
+
+
 def oblique_matrix(spacing=(0.8, 1.1, 2.5), angles=(0.3, -0.2, 0.15), origin=(-120.0, 80.0, -300.0)) -> np.ndarray:
     """An anisotropic, oblique IJK->RAS matrix (rotation about all three axes)."""
     ax, ay, az = angles

@@ -25,7 +25,7 @@ import vtk  # noqa: E402
 from PolyCLSlicerLib import core, mrml, terminology  # noqa: E402
 from PolyCLSlicerLib.tasks import TaskRunner  # noqa: E402
 
-from conftest import oblique_matrix  # noqa: E402
+from conftest import crop, oblique_matrix  # noqa: E402
 
 CASES = ("totalseg_sm", "totalseg_dcm", "dcmqi_3slice", "totalseg_sm:flipped", "totalseg_sm:oblique")
 # Dice floors of the starter model per case (checked only with the real starter model)
@@ -118,13 +118,6 @@ def add_segment(segmentation, name: str, mask: np.ndarray, matrix: np.ndarray) -
     segment_id = segmentation.GetSegmentation().AddEmptySegment("", name)
     mrml.write_segment_mask(segmentation, segment_id, mask, matrix)
     return segment_id
-
-
-def crop(array: np.ndarray, matrix: np.ndarray, k0: int, k1: int) -> tuple[np.ndarray, np.ndarray]:
-    """Slices k0..k1-1 of an [i, j, k] array with the matching matrix (small volumes for plumbing tests)."""
-    out = np.array(matrix, float)
-    out[:3, 3] = matrix[:3, :3] @ np.array([0, 0, k0]) + matrix[:3, 3]
-    return np.ascontiguousarray(array[:, :, k0:k1]), out
 
 
 # ------------------------------------------------------------------------------------------ segment

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import crop
 from polycl import devices
 from polycl.metrics import dice
 from polycl.sam import refine as sr
@@ -91,21 +92,14 @@ def _block_coarsened(mask: np.ndarray, factor: int = 8) -> np.ndarray:
     return coarse.astype(np.uint8)
 
 
-def _middle_slices(array: np.ndarray, mask: np.ndarray, ijk_to_ras: np.ndarray, count: int):
-    """At most ``count`` axial slices (k) around the middle of a [i, j, k] volume, with the matching matrix."""
-    start = max(0, (array.shape[2] - count) // 2)
-    matrix = np.array(ijk_to_ras, float)
-    matrix[:3, 3] = matrix[:3, :3] @ np.array([0, 0, start]) + matrix[:3, 3]
-    keep = slice(start, start + count)
-    return np.ascontiguousarray(array[:, :, keep]), np.ascontiguousarray(mask[:, :, keep]), matrix
-
-
 @pytest.mark.slow
 @pytest.mark.skipif(not devices.cpu_supports_bf16(), reason="this CPU has no native bf16 (AVX512-BF16 / AMX)")
 @pytest.mark.parametrize("case", ["totalseg_dcm", "dcmqi_3slice"])
 def test_bf16_refinement_dice_within_0_002_of_fp32(labeled_case, case):
     ct, reference = labeled_case(case)
-    array, reference_mask, matrix = _middle_slices(ct.array, reference.array, ct.ijk_to_ras, 8)
+    start = max(0, (ct.array.shape[2] - 8) // 2)  # at most the 8 middle axial slices
+    array, matrix = crop(ct.array, ct.ijk_to_ras, start, start + 8)
+    reference_mask, _ = crop(reference.array, ct.ijk_to_ras, start, start + 8)
     coarse = _block_coarsened(reference_mask)
     fp32 = sr.build_refiner("litemedsam", device="cpu", precision="fp32", cache_bytes=0)
     bf16 = sr.build_refiner("litemedsam", device="cpu", precision="bf16", cache_bytes=0)

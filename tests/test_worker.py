@@ -19,6 +19,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import crop
+
 ROOT = Path(__file__).resolve().parents[1]
 MODULE_DIR = ROOT / "PolyCLSlicer"
 sys.path.insert(0, str(MODULE_DIR))
@@ -95,9 +97,8 @@ def small_ct(labeled_case, tmp_path_factory):
     from polycl.io.volumes import write_mask, write_volume
 
     ct, liver = labeled_case("totalseg_sm")
-    matrix = np.array(ct.ijk_to_ras, float)
-    matrix[:3, 3] = matrix[:3, :3] @ np.array([0, 0, 8]) + matrix[:3, 3]
-    array, mask = np.ascontiguousarray(ct.array[:, :, 8:20]), np.ascontiguousarray(liver.array[:, :, 8:20])
+    array, matrix = crop(ct.array, ct.ijk_to_ras, 8, 20)
+    mask, _ = crop(liver.array, ct.ijk_to_ras, 8, 20)
     folder = tmp_path_factory.mktemp("ct")
     return (write_volume(folder / "ct.nii.gz", array, matrix), write_mask(folder / "liver.nii.gz", mask, matrix),
             array, mask, matrix)
