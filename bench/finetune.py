@@ -41,7 +41,7 @@ from polycl.io.base import Volume  # noqa: E402
 from polycl.nets.checkpoints import load_checkpoint
 from polycl.nets.model_card import STARTER_CHECKPOINT  # noqa: E402
 from polycl.training.config import FinetuneConfig  # noqa: E402
-from polycl.training.finetuning import finetune, soft_dice_loss
+from polycl.training.finetuning import finetune, soft_dice_loss, training_precision
 from polycl.training.loop import batches_of, make_optimizer, num_batches  # noqa: E402
 from polycl.training.slices import slices_from_pairs
 
@@ -123,7 +123,8 @@ def shipped_epochs(pairs: list, epochs: int, precision: str, work: Path, size: i
 
 
 def training_step(network, optimizer, images: torch.Tensor, masks: torch.Tensor, index: int, precision: str) -> None:
-    """One shipped-loss step (soft Dice + 0.3 x BCE under autocast) on batch ``index`` (wrapping around)."""
+    """One step of the starter recipe's loss (soft Dice + 0.3 x BCE, under autocast) on batch ``index``
+    (wrapping around)."""
     from polycl.devices import autocast_context
 
     start = (index * BATCH) % len(images)
@@ -183,7 +184,7 @@ def main() -> int:
     print(f"preprocessing (window + resize, once per run in the shipped path): {time.perf_counter() - started:.2f} s")
 
     if args.compile:
-        compiled_vs_eager(data.images, data.masks, "bf16" if cpu_supports_bf16() else "fp32")
+        compiled_vs_eager(data.images, data.masks, training_precision("auto", torch.device("cpu")))
         return 0
     model, _ = load_checkpoint(STARTER_CHECKPOINT)
     flops = step_flops(model) * len(data.images) / BATCH
