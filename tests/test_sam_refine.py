@@ -121,6 +121,24 @@ def test_low_iou_falls_back_to_coarse_and_main_component_only():
     assert refined.mask[27, 20, 2] == 0
 
 
+@pytest.mark.parametrize("flip_k", [False, True])
+def test_components_cut_by_the_image_border_keep_their_coarse_pixels(flip_k):
+    """A liver cut by the field of view is not box-prompted (SAM shrinks it away from the border): the cut
+    component keeps its coarse pixels and a slice holding only cut components is never encoded."""
+    ct, coarse, matrix = _volume(flip_k)
+    coarse[0:8, 6:18, 2] = 1  # slice 2: the main component now runs into row i = 0 of the image
+    refiner = BoxFiller()
+    result = sr.refine_volume(ct, matrix, coarse, refiner, margin=2, min_area=1, min_iou=None)
+    np.testing.assert_array_equal(result.mask[:, :, 2], coarse[:, :, 2])
+    assert len(refiner.seen) == 3  # slices 1, 3 and 4; not slice 2
+    assert result.mask[7, 5, 1] == 1  # the uncut slices are still refined (box filled)
+    report = {s.index: s for s in result.slices}
+    assert report[2].cut_by_border == 1 and report[2].fallbacks == 0 and report[1].cut_by_border == 0
+    refined_anyway = sr.refine_volume(ct, matrix, coarse, BoxFiller(), margin=2, min_area=1, min_iou=None,
+                                      keep_cut_components=False)
+    assert refined_anyway.mask[:, :, 2].sum() != coarse[:, :, 2].sum()
+
+
 def test_refine_checks_shapes_and_cancel():
     ct, coarse, matrix = _volume()
     with pytest.raises(ValueError, match="shape"):

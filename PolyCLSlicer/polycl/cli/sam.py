@@ -104,10 +104,12 @@ def run_refinement(args: argparse.Namespace, volume: Volume, mask: np.ndarray, r
                                progress=progress)
     finally:
         close()
-    refined = [s for s in result.slices if s.boxes]
+    refined = [s for s in result.slices if s.boxes > s.cut_by_border]
     fallbacks = sum(s.fallbacks for s in result.slices)
+    cut = sum(s.cut_by_border for s in result.slices)
     print(f"polycl: refined {len(refined)} slices with {refiner.name} in {result.seconds:.1f} s"
-          f" ({fallbacks} boxes kept the coarse mask: low predicted IoU)", file=sys.stderr)
+          f" ({fallbacks} boxes kept the coarse mask: low predicted IoU"
+          + (f"; {cut} pieces cut by the image border kept as segmented" if cut else "") + ")", file=sys.stderr)
     print(f"polycl: {review_line(result)}", file=sys.stderr)
     return result
 

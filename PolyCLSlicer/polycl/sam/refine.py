@@ -91,6 +91,27 @@ def slice_to_rgb(hu_slice: np.ndarray, center: float = 40.0, width: float = 400.
     return np.ascontiguousarray(np.repeat(gray[:, :, None], 3, axis=2))
 
 
+def slice_prompts(mask: np.ndarray, margin: int, min_area: int, per_component: bool,
+                  keep_cut_components: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Box prompts of one slice's coarse mask: ``(boxes, labels, prompted)`` as :func:`component_boxes` gives
+    them (one box around every piece when not ``per_component``); ``prompted[n]`` is False for a box whose
+    component touches the image border when ``keep_cut_components`` (it keeps its coarse pixels)."""
+    if per_component:
+        boxes, labels = component_boxes(mask, margin, min_area)
+    else:  # one box around every piece (refined slices always have foreground)
+        labels = mask.astype(np.int32)
+        rows, cols = np.nonzero(mask)
+        height, width = mask.shape
+        boxes = np.array([[max(cols.min() - margin, 0), max(rows.min() - margin, 0),
+                           min(cols.max() + margin, width - 1), min(rows.max() + margin, height - 1)]])
+    prompted = np.ones(len(boxes), bool)
+    if keep_cut_components:
+        border = np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]])
+        cut = np.unique(border[border > 0]) - 1
+        prompted[cut[cut < len(boxes)]] = False
+    return boxes, labels, prompted
+
+
 # --------------------------------------------------------------------------------------------
 # Volume refinement
 
@@ -106,6 +127,7 @@ class SliceReport:
     refined_pixels: int
     boxes: int = 0
     fallbacks: int = 0
+    cut_by_border: int = 0
     mean_iou: float | None = None
     center_ras: tuple[float, float, float] = (0.0, 0.0, 0.0)
 
@@ -156,7 +178,8 @@ def canonical_slice_index(orientation: CanonicalOrientation, shape: Sequence[int
 
 def refine_volume(ct_array: np.ndarray, ijk_to_ras: np.ndarray, coarse_mask: np.ndarray, refiner: Refiner,
                   margin: int = 2, min_area: int = 20, per_component: bool = True, min_iou: float | None = 0.5,
-                  main_component_only: bool = True, clip_to_box: bool = True, window_center: float = 40.0,
+                  main_component_only: bool = True, clip_to_box: bool = True, keep_cut_components: bool = True,
+                  window_center: float = 40.0,
                   window_width: float = 400.0, progress: ProgressFn | None = no_progress,
                   cancel: CancelFlag | None = None) -> RefinementResult:
     """Refine a coarse mask slice by slice with box prompts; returns the refined mask + disagreement report.
@@ -166,7 +189,11 @@ def refine_volume(ct_array: np.ndarray, ijk_to_ras: np.ndarray, coarse_mask: np.
     pixels prompts the refiner; SAM's mask (clipped to its box) replaces the coarse mask in that
     slice.  When SAM's predicted IoU is below ``min_iou`` (or its mask is empty) that component keeps
     its coarse pixels.  With ``main_component_only``, only the largest 3D component is refined; other
-    coarse blobs are left unchanged, since refining stray blobs grows false positives.
+    coarse blobs are left unchanged, since refining stray blobs grows false positives.  With
+    ``keep_cut_components``, a component the image border cuts (a partial liver at the edge of a small field
+    of view) keeps its coarse pixels, and a slice holding only such components is not encoded: a box prompt
+    asks for a whole object inside the box, and on a cut liver SAM's mask shrinks away from the border
+    (docs/starter_model.md, "Refinement of livers cut by the image border").
     Slices without coarse foreground stay empty.
     """
     start_time = time.perf_counter()
@@ -190,32 +217,31 @@ def refine_volume(ct_array: np.ndarray, ijk_to_ras: np.ndarray, coarse_mask: np.
     for done in range(0, len(todo), batch):
         check_cancel(cancel, "refinement")
         chunk = todo[done:done + batch]
-        embeddings = refiner.embed([slice_to_rgb(ct[z], window_center, window_width) for z in chunk])
-        for z, embedding in zip(chunk, embeddings, strict=True):
-            if per_component:
-                boxes, labels = component_boxes(target[z], margin, min_area)
-            else:  # one box around every piece (todo slices always have foreground)
-                labels = target[z].astype(np.int32)
-                rows, cols = np.nonzero(target[z])
-                height, width = target[z].shape
-                boxes = np.array([[max(cols.min() - margin, 0), max(rows.min() - margin, 0),
-                                   min(cols.max() + margin, width - 1), min(rows.max() + margin, height - 1)]])
-            masks, ious, _ = refiner.decode(embedding, boxes)
+        prompts = {z: slice_prompts(target[z], margin, min_area, per_component, keep_cut_components) for z in chunk}
+        encode = [z for z in chunk if prompts[z][2].any()]
+        embeddings = dict(zip(encode, refiner.embed([slice_to_rgb(ct[z], window_center, window_width)
+                                                      for z in encode]), strict=True))
+        for z in chunk:
+            boxes, labels, prompted = prompts[z]
+            masks, ious, _ = refiner.decode(embeddings[z], boxes[prompted]) if z in embeddings else (None, [], None)
             out = refined[z]
             out |= target[z] & (labels == 0)  # small pieces without a box stay as they were
             fallbacks = 0
-            for n, (x0, y0, x1, y1) in enumerate(boxes):
-                mask = masks[n]
+            for n in np.flatnonzero(~prompted):  # cut by the image border: the coarse pixels stay
+                out |= labels == n + 1
+            for m, n in enumerate(np.flatnonzero(prompted)):
+                x0, y0, x1, y1 = boxes[n]
+                mask = masks[m]
                 if clip_to_box:
                     clipped = np.zeros_like(mask)
                     clipped[y0:y1 + 1, x0:x1 + 1] = mask[y0:y1 + 1, x0:x1 + 1]
                     mask = clipped
-                if not mask.any() or (min_iou is not None and float(ious[n]) < min_iou):
+                if not mask.any() or (min_iou is not None and float(ious[m]) < min_iou):
                     out |= labels == n + 1
                     fallbacks += 1
                 else:
                     out |= mask
-            reports[z] = (len(boxes), fallbacks, [float(v) for v in ious])
+            reports[z] = (len(boxes), fallbacks, int((~prompted).sum()), [float(v) for v in ious])
         progress(min(1.0, (done + len(chunk)) / max(len(todo), 1)), f"slice {done + len(chunk)}/{len(todo)}")
     del target  # one volume-sized array less before the result's copy
     shape = ct_array.shape
@@ -223,11 +249,11 @@ def refine_volume(ct_array: np.ndarray, ijk_to_ras: np.ndarray, coarse_mask: np.
     for z in np.flatnonzero(coarse.reshape(len(coarse), -1).any(1) | refined.reshape(len(refined), -1).any(1)):
         z = int(z)
         index = array_slice_index(orientation, shape, z)
-        boxes, fallbacks, ious = reports.get(z, (0, 0, []))
+        boxes, fallbacks, cut, ious = reports.get(z, (0, 0, 0, []))
         slices.append(SliceReport(
             index=index, axis=orientation.slice_axis, dice=dice(coarse[z], refined[z]),
             coarse_pixels=int(coarse[z].sum()), refined_pixels=int(refined[z].sum()), boxes=boxes,
-            fallbacks=fallbacks, mean_iou=float(np.mean(ious)) if ious else None,
+            fallbacks=fallbacks, cut_by_border=cut, mean_iou=float(np.mean(ious)) if ious else None,
             center_ras=slice_center_ras(ijk_to_ras, shape, orientation.slice_axis, index)))
     mask = orientation.from_canonical_result(refined.view(np.uint8))  # no copy unless a flip needs one
     return RefinementResult(mask=mask, slices=slices, seconds=time.perf_counter() - start_time,
