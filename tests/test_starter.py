@@ -24,7 +24,7 @@ def test_starter_checkpoint_is_small_and_documented():
     assert STARTER_CHECKPOINT.stat().st_size < 9 * 2**20
     model, card = load_checkpoint()
     assert card["kind"] == "segmentation" and card["architecture"] == "polycl_unet"
-    assert card["input_size"] == 192 and card["window"] == {"center": 40.0, "width": 400.0}  # version 5
+    assert card["input_size"] == 192 and card["window"] == {"center": 40.0, "width": 400.0}  # since version 5
     assert card["recipe"]["loss"].startswith("soft Dice") and "command" in card["recipe"]
     scans = " ".join(card["data"]["scans"])
     assert "totalseg_dcm" in scans and "dcmqi_3slice" in scans and "ircad01" not in scans  # ircad01 stays unseen

@@ -20,12 +20,13 @@ from polycl.inference import Segmenter
 from polycl.io.volumes import read_volume
 
 FLAGS = json.loads((Path(__file__).resolve().parents[1] / "bench" / "presence_flags.json").read_text())["ircad01"]
-# version 5 labels 1.49 L on ircad01, its expert mask 1.49 L (version 4: 1.51 L, version 3: 1.27 L; version 1's
+# version 6 labels 1.51 L on ircad01, its expert mask 1.49 L (version 5: 1.49 L, version 3: 1.27 L; version 1's
 # 1.61 L held kidney and heart); the range is the reference +-20 %
 LITRES = (1.2, 1.8)
-# version 5 scored 0.936 / 14.2 mm once against the expert mask (version 4: 0.936 / 12.9 mm, version 3: 0.896 /
-# 17.7 mm): a mirror (Dice 0), a W2000 window (0.688 / 68 mm) or ten lost end slices (0.928) fall below these
-MIN_DICE, MAX_HD95_MM = 0.93, 15.5
+# version 6 scored 0.940 / 15.1 mm once against the expert mask, at 1 and 2 threads (version 5: 0.936 / 14.2 mm,
+# version 4: 0.936 / 12.9 mm, version 3: 0.896 / 17.7 mm): a mirror (Dice 0), a W2000 window (0.688 / 68 mm) or
+# ten lost end slices (0.928) fall below these; 0.9 mm of HD95 headroom for the fp32 path of CPUs without bf16
+MIN_DICE, MAX_HD95_MM = 0.93, 16.0
 MIN_RIGHTWARD_MM = 40.0  # liver centroid lies this far to the patient's right of the body's centre
 
 
