@@ -193,7 +193,7 @@ def refine_volume(ct_array: np.ndarray, ijk_to_ras: np.ndarray, coarse_mask: np.
     ``keep_cut_components``, a component the image border cuts (a partial liver at the edge of a small field
     of view) keeps its coarse pixels, and a slice holding only such components is not encoded: a box prompt
     asks for a whole object inside the box, and on a cut liver SAM's mask shrinks away from the border
-    (docs/starter_model.md, "Refinement of livers cut by the image border").
+    (docs/starter_model.md, "Refinement on version 5, and the default it leaves").
     Slices without coarse foreground stay empty.
     """
     start_time = time.perf_counter()
