@@ -41,7 +41,7 @@ from polycl.io.base import Volume  # noqa: E402
 from polycl.nets.checkpoints import load_checkpoint
 from polycl.nets.model_card import STARTER_CHECKPOINT  # noqa: E402
 from polycl.training.config import FinetuneConfig  # noqa: E402
-from polycl.training.finetuning import finetune, soft_dice_loss, training_precision
+from polycl.training.finetuning import finetune, segmentation_loss, soft_dice_loss, training_precision
 from polycl.training.loop import batches_of, make_optimizer, num_batches  # noqa: E402
 from polycl.training.slices import slices_from_pairs
 
@@ -131,9 +131,7 @@ def training_step(network, optimizer, images: torch.Tensor, masks: torch.Tensor,
     optimizer.zero_grad(set_to_none=True)
     with autocast_context(torch.device("cpu"), precision):
         logits = network(images[start:start + BATCH]).float()
-    target = masks[start:start + BATCH]
-    loss = soft_dice_loss(logits, target) + 0.3 * F.binary_cross_entropy_with_logits(logits, target)
-    loss.backward()
+    segmentation_loss(logits, masks[start:start + BATCH], bce_weight=0.3).backward()
     optimizer.step()
 
 

@@ -63,6 +63,15 @@ def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1
     return (1 - dice).mean()
 
 
+
+def segmentation_loss(logits: torch.Tensor, target: torch.Tensor, bce_weight: float = 0.0,
+                      pooled: bool = False) -> torch.Tensor:
+    """The finetuning loss: soft Dice (``pooled`` as in :func:`soft_dice_loss`) + ``bce_weight`` x BCE."""
+    loss = soft_dice_loss(logits, target, pooled=pooled)
+    if bce_weight:
+        loss = loss + bce_weight * F.binary_cross_entropy_with_logits(logits, target)
+    return loss
+
 def resolve_config(config: FinetuneConfig, init: str | os.PathLike | None = None
                    ) -> tuple[FinetuneConfig, list[str]]:
     """Fill architecture, its args and input size from the init checkpoint's card; notes on a changed size.
@@ -186,10 +195,7 @@ def finetune(pairs: list[tuple[Volume, Volume]], output: str | os.PathLike, conf
     def loss_fn(net: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         with autocast_context(device, config.precision):
             logits = net(batch[0]).float()  # the loss in float32
-        loss = soft_dice_loss(logits, batch[1], pooled=config.dice_pooled)
-        if config.bce_weight:
-            loss = loss + config.bce_weight * F.binary_cross_entropy_with_logits(logits, batch[1])
-        return loss
+        return segmentation_loss(logits, batch[1], config.bce_weight, config.dice_pooled)
 
     def end_of_epoch(epoch: int, loss: float) -> tuple[dict[str, float], bool]:
         metrics = evaluate_slices(model, val, config.batch_size) if len(val.images) else {}
