@@ -158,7 +158,7 @@ def per_slice(array: np.ndarray, matrix: np.ndarray, coarse: np.ndarray, count: 
 def whole_volume(array: np.ndarray, matrix: np.ndarray, coarse: np.ndarray, batch: int) -> None:
     refiner = sr.build_refiner("litemedsam", device="cpu", encoder_batch=batch, cache_bytes=0)  # as the CLI
     result = sr.refine_volume(array, matrix, coarse, refiner)
-    refined = max(1, sum(1 for s in result.slices if s.boxes > s.cut_by_border))  # slices that were encoded
+    refined = max(1, sum(1 for s in result.slices if s.prompted))  # slices that were encoded
     print(f"\n2. refine_volume over the coarse mask (as `polycl segment --refine litemedsam`): {refined} slices "
           f"in {result.seconds:.1f} s = {result.seconds / refined:.3f} s per slice; encoder "
           f"{refiner.timings['encoder_s'] / refined:.3f} s, decoder {refiner.timings['decoder_s'] / refined:.3f} s "
@@ -176,7 +176,7 @@ def labelled_cases(root: Path, block_mm: float) -> None:
         reference = read_mask(root / "labeled" / f"{case}_liver.nii.gz", ct).array
         coarse = block_coarsen(reference, ct.ijk_to_ras, block_mm)
         result = sr.refine_volume(ct.array, ct.ijk_to_ras, coarse, refiner)
-        refined = max(1, sum(1 for s in result.slices if s.boxes > s.cut_by_border))  # slices that were encoded
+        refined = max(1, sum(1 for s in result.slices if s.prompted))  # slices that were encoded
         print(f"   {case:<13} {refined:>6} {result.seconds / refined:>8.3f} {dice(coarse, reference):>11.4f} "
               f"{dice(result.mask, reference):>12.4f}", flush=True)
 

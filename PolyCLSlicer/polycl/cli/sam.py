@@ -104,7 +104,7 @@ def run_refinement(args: argparse.Namespace, volume: Volume, mask: np.ndarray, r
                                progress=progress)
     finally:
         close()
-    refined = [s for s in result.slices if s.boxes > s.cut_by_border]
+    refined = [s for s in result.slices if s.prompted]
     fallbacks = sum(s.fallbacks for s in result.slices)
     cut = sum(s.cut_by_border for s in result.slices)
     print(f"polycl: refined {len(refined)} slices with {refiner.name} in {result.seconds:.1f} s"

@@ -135,6 +135,11 @@ class SliceReport:
     def slice(self) -> int:
         return self.index
 
+    @property
+    def prompted(self) -> int:
+        """Boxes sent to the refiner (those not cut by the image border); > 0 when the slice was encoded."""
+        return self.boxes - self.cut_by_border
+
 
 @dataclass
 class RefinementResult:
