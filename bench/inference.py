@@ -120,11 +120,11 @@ def compare_end_to_end(cases: dict[str, Path], checkpoint: Path, work: Path, bas
     for name, path in cases.items():
         argv = ["segment", str(path), "-o", str(work / "mask.nii.gz"), "--overwrite", "--json",
                 "--checkpoint", str(checkpoint)]
-        argvs = {"now": argv, "before": [*argv[:-1], str(baseline_checkpoint or checkpoint)]}
         runs: dict[str, list] = {label: [] for label, package in packages.items() if package is not None}
         for _ in range(repeats):
             for label in runs:
-                runs[label].append(run_cli_detailed(argvs[label.split()[0]], packages[label]))
+                run_argv = argv if label == "now" else [*argv[:-1], str(baseline_checkpoint or checkpoint)]
+                runs[label].append(run_cli_detailed(run_argv, packages[label]))
         best = {label: min(results, key=lambda r: r[0]) for label, results in runs.items()}
         for label, (seconds, rss, cpu, laps) in best.items():
             steps = "  ".join(f"{step} {value:.2f}" for step, value in laps.items())
